@@ -1,0 +1,67 @@
+"""Short model names -> Hugging Face repos and their default recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import SpeedQError
+
+MODELS = {
+    "internvl2-1b": "OpenGVLab/InternVL2-1B",
+    "internvl2.5-1b": "OpenGVLab/InternVL2_5-1B",
+    "internvl3-1b": "OpenGVLab/InternVL3-1B",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B",
+}
+
+
+# Models built on this machine, no download: name -> builder(out_dir).
+LOCAL_MODELS = {
+    "tiny-random": "speedq_mlx.hf_checkpoint:build_tiny_checkpoint",
+}
+
+
+def local_model(name: str) -> Path:
+    """Build a LOCAL_MODELS entry into the user cache once, and return its folder."""
+    import importlib
+    import os
+
+    cache = Path(os.environ.get("SPEEDQ_CACHE", Path.home() / ".cache" / "speedq-mlx"))
+    out = cache / "models" / name
+    if not (out / "config.json").is_file():
+        module, func = LOCAL_MODELS[name].split(":")
+        tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
+        getattr(importlib.import_module(module), func)(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return out
+
+
+def recipes_dir() -> Path:
+    """Recipes ship inside the wheel (speedq_mlx/recipes) or sit at the repo root."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "recipes", here.parent / "recipes"):
+        if cand.is_dir():
+            return cand
+    raise SpeedQError("recipe folder not found (reinstall speedq-mlx)")
+
+
+def default_recipe(name: str | None, bits: int | None) -> Path:
+    """recipes/<name>-w<bits>.toml when it exists, else recipes/default.toml."""
+    folder = recipes_dir()
+    if name is not None and bits is not None:
+        cand = folder / f"{name}-w{bits}.toml"
+        if cand.is_file():
+            return cand
+    return folder / "default.toml"
+
+
+def hub_id(name: str) -> str:
+    """The repo id of a registered short name; unknown names list the known ones."""
+    try:
+        return MODELS[name.lower()]
+    except KeyError:
+        known = ", ".join([*MODELS, *LOCAL_MODELS])
+        raise SpeedQError(
+            f"unknown model name {name!r}; known names: {known} "
+            "(or pass a Hugging Face repo id like OpenGVLab/InternVL2-1B, or a local folder)"
+        ) from None

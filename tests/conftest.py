@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny InternVL-layout checkpoints built locally (no network)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from speedq_mlx.blas import reexec_with_openblas
+from speedq_mlx.hf_checkpoint import build_tiny_checkpoint
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_configure(config):
+    """Like the CLI, run the session with OpenBLAS under MLX's Linux CPU build (~40x faster
+    matmuls); then keep the CLI, called in-process by tests, from re-executing."""
+    if os.path.basename(sys.argv[0]) in ("pytest", "__main__.py", "py.test"):
+        capman = config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)  # give the new process the real stdout
+        reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "pytest"])
+        if capman is not None:
+            capman.resume_global_capture()
+    os.environ["SPEEDQ_NO_OPENBLAS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny InternVL2-layout HF checkpoint (random weights, locally trained tokenizer)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-internvl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory):
+    """A non-square RGB image (exercises dynamic tiling + thumbnail)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray((rng.random((80, 120, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def run_cli(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from speedq_mlx.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def smollm_ckpt(tmp_path_factory):
+    """InternVL-layout checkpoint with the real SmolLM2-135M language model (skip if absent)."""
+    from pathlib import Path
+
+    from speedq_mlx.smollm_checkpoint import DEFAULT_GGUF, build_smollm_checkpoint
+
+    if not Path(DEFAULT_GGUF).is_file():
+        pytest.skip(f"SmolLM2 GGUF not found at {DEFAULT_GGUF}")
+    return build_smollm_checkpoint(tmp_path_factory.mktemp("smollm") / "smollm-internvl")
+
+
+ENGLISH_TEXT = (
+    "The history of the city goes back more than two thousand years. It began as a small "
+    "fishing village on the banks of the river, and over the centuries it grew into a busy "
+    "market town. Merchants came from far away to sell cloth, spices and wine, and the town "
+    "built a large stone bridge so that carts could cross the water. Today the old streets are "
+    "full of shops and cafes, and visitors come every summer to walk along the river and visit "
+    "the museums. In the winter the town is quiet. Most of the people who live there work in "
+    "the hospital, the schools or the small factories outside the centre, and on Sundays "
+    "families walk in the hills above the valley, where the air is clean and the views are wide."
+)
