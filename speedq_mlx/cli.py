@@ -30,7 +30,12 @@ def quantize(
     bits: Optional[int] = typer.Option(None, "--bits", "-b",
                                        help="Bits of the vision/projector/language linears (2, 3, 4, 5, 6, 8)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Group size (32, 64, 128)."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn."),
+    method: str = typer.Option("rtn", "--method", help="rtn (round-to-nearest) or speedq."),
+    stages: str = typer.Option("1", "--stages", help="SPEED-Q stages to run, e.g. 1 or 1,2,3."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of calibration images (stage 1)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Checkpoints and reports (default: <output parent>/runs/<output name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoints."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe TOML (default: the model's own)."),
     dtype: str = typer.Option("float16", "--dtype",
                               help="dtype of scales and float weights in the artifact (float16, bfloat16, float32)."),
@@ -44,7 +49,8 @@ def quantize(
     if output is None:
         output = Path("out") / f"{Path(model).name}-w{bits if bits else 'recipe'}-{method}"
     run(QuantizeArgs(model=model, output=output, bits=bits, group_size=group_size, method=method,
-                     recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite))
+                     recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite,
+                     stages=stages, images=images, run_dir=run_dir, resume=resume))
 
 
 @app.command()

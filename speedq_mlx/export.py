@@ -163,7 +163,7 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 def model_card(report_table: str, source: str = "?", method: str = "rtn",
-               recipe_path: str = "?") -> str:
+               recipe_path: str = "?", stages: str = "-") -> str:
     return f"""---
 library_name: mlx
 tags: [mlx, mlx-vlm, internvl, quantized, speedq-mlx]
@@ -173,7 +173,7 @@ base_model: {source}
 
 Made with speedq-mlx {__version__} from `{source}`.
 
-- Method: `{method}`
+- Method: `{method}` (SPEED-Q stages run: {stages})
 - Recipe: `{Path(recipe_path).name}`
 
 ## What is in it

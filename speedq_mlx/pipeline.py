@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +10,14 @@ from pathlib import Path
 from . import model_io
 from .errors import SpeedQError
 from .export import check_output, write_artifact
-from .plan import apply_plan, build_plan
+from .images import find_images
+from .plan import apply_plan, build_plan, quantized_paths
+from .vision_stage import Stage1Config, calibration_pixels, run_stage1
 from .recipe import component_settings, load_recipe, overrides
 from .registry import default_recipe
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "speedq")
+STAGES = (1,)  # SPEED-Q stages implemented so far
 
 
 @dataclass
@@ -27,6 +31,27 @@ class QuantizeArgs:
     dtype: str = "float16"
     compute_dtype: str = "float32"
     overwrite: bool = False
+    stages: str = "1"
+    images: Path | None = None
+    run_dir: Path | None = None
+    resume: bool = False
+
+
+def parse_stages(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(sorted({int(s) for s in text.replace(" ", "").split(",") if s}))
+    except ValueError:
+        raise SpeedQError(f"--stages takes a comma list like 1,2,3 (got {text!r})") from None
+    missing = [s for s in stages if s not in STAGES]
+    if not stages or missing:
+        raise SpeedQError(f"stage(s) {missing or text} not available (implemented: "
+                          f"{', '.join(map(str, STAGES))})")
+    return stages
+
+
+def default_run_dir(output: Path) -> Path:
+    """Checkpoints and reports live beside the artifact: runs/<artifact name>."""
+    return Path(output).parent / "runs" / Path(output).name
 
 
 def quantize(args: QuantizeArgs, log=print) -> Path:
@@ -36,6 +61,15 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     out_dtype = model_io.parse_dtype(args.dtype)
     compute_dtype = model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)
+    stages = parse_stages(args.stages) if args.method == "speedq" else ()
+    image_paths = None
+    if 1 in stages:
+        if args.images is None:
+            raise SpeedQError("stage 1 needs calibration images: pass --images DIR")
+        image_paths = find_images(args.images)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.output)
+    if args.overwrite and not args.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
     source, name = model_io.resolve_source(args.model)
     recipe_path = args.recipe or default_recipe(name, args.bits)
     recipe = load_recipe(recipe_path)
@@ -49,11 +83,18 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     plan = build_plan(model, settings, overrides(recipe))
     log(f"recipe {recipe_path}: " + ", ".join(
         f"{c}={'float' if s is None else f'{s[0]}-bit g{s[1]}'}" for c, s in settings.items()))
-    apply_plan(model, plan, scale_dtype=out_dtype)
+    stage1_cfg = Stage1Config.from_recipe(recipe) if 1 in stages else None
+    if 1 in stages:
+        pixels = calibration_pixels(config, image_paths, stage1_cfg, compute_dtype)
+        run_stage1(model, plan, pixels, stage1_cfg, run_dir, resume=args.resume,
+                   scale_dtype=out_dtype, log=log)
+    done = set(quantized_paths(model))
+    apply_plan(model, {p: s for p, s in plan.items() if p not in done}, scale_dtype=out_dtype)
     log(f"writing {args.output}")
     write_artifact(args.output, model, plan, config, tokenizer, dtype=out_dtype,
                    overwrite=args.overwrite,
                    card_info={"source": args.model, "method": args.method,
-                              "recipe_path": str(recipe_path)})
+                              "recipe_path": str(recipe_path),
+                              "stages": ",".join(map(str, stages)) or "-"})
     log(f"done in {time.time() - t0:.1f}s")
     return Path(args.output)

@@ -80,3 +80,10 @@ def _unflatten(items):
     from mlx.utils import tree_unflatten
 
     return tree_unflatten(items)
+
+
+def quantized_paths(model: nn.Module) -> list[str]:
+    """Paths of modules that are already fake-quantized (e.g. by a SPEED-Q stage)."""
+    from .qlayers import _FakeQuant
+
+    return [p for p, m in model.named_modules() if isinstance(m, _FakeQuant)]

@@ -119,3 +119,41 @@ def fake_quant_module(module: nn.Module, bits: int, group_size: int, **kw) -> _F
     if isinstance(module, nn.Embedding):
         return QuantEmbedding.from_embedding(module, bits, group_size, **kw)
     raise TypeError(f"cannot quantize a {type(module).__name__}")
+
+
+class AdaRoundLinear(nn.Module):
+    """A linear whose weights are fixed and whose rounding (down / up) is learned (V).
+
+    Scales and biases are fixed too (min/max or MSE-searched). `harden()` returns the
+    frozen `QuantLinear` holding the exact integer codes the rounding chose.
+    """
+
+    def __init__(self, weight, bias, scales, biases, bits, group_size, scale_dtype=mx.float16):
+        super().__init__()
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        self.scales = scales
+        self.biases = biases
+        self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
+        self.V = Q.adaround_init(weight, scales, biases, group_size)
+        self.hard = False
+
+    def dequantized_weight(self) -> mx.array:
+        q = Q.adaround_codes(self.weight, self.V, self.scales, self.biases, self.bits,
+                             self.group_size, hard=self.hard)
+        return Q.dequantize(q, self.scales, self.biases, self.group_size)
+
+    def __call__(self, x):
+        y = x @ self.dequantized_weight().astype(x.dtype).T
+        return y + self.bias if "bias" in self else y
+
+    def harden(self) -> QuantLinear:
+        """Exact codes: latent weight s * q + b with the fixed (scales, biases)."""
+        q = Q.adaround_codes(self.weight, self.V, self.scales, self.biases, self.bits,
+                             self.group_size, hard=True)
+        w = Q.dequantize(q, self.scales, self.biases, self.group_size)
+        layer = QuantLinear(w, self.get("bias"), bits=self.bits, group_size=self.group_size,
+                            scale_dtype=self.scale_dtype, scales=self.scales, biases=self.biases)
+        layer.freeze()
+        return layer

@@ -171,3 +171,67 @@ def quantize_rtn(
     scales, biases = minmax_params(w, bits, group_size, scale_dtype)
     q = codes(w, scales, biases, bits, group_size)
     return pack(q, bits), scales, biases
+
+
+def mse_params(
+    w: mx.array, bits: int, group_size: int, scale_dtype=None, grid: int = 20,
+    min_shrink: float = 0.5,
+) -> tuple[mx.array, mx.array]:
+    """Per-group range [a*min, a*max] with the shrink a in [min_shrink, 1] that minimises
+    the weight reconstruction error ||w - Q(w)||^2 (round-to-nearest on that grid)."""
+    g = _grouped(w, group_size)
+    wmin, wmax = g.min(axis=-1), g.max(axis=-1)
+    best_err = best_s = best_b = None
+    for i in range(grid):
+        a = 1.0 - (1.0 - min_shrink) * i / max(1, grid - 1)
+        s, b = params_from_range(wmin * a, wmax * a, bits, scale_dtype)
+        err = ((dequantize(codes(w, s, b, bits, group_size), s, b, group_size) - w) ** 2)
+        err = err.reshape(g.shape).sum(axis=-1)
+        if best_err is None:
+            best_err, best_s, best_b = err, s, b
+        else:
+            better = err < best_err
+            best_err = mx.where(better, err, best_err)
+            best_s = mx.where(better, s, best_s)
+            best_b = mx.where(better, b, best_b)
+        mx.eval(best_err, best_s, best_b)
+    return best_s, best_b
+
+
+# AdaRound (Nagel et al. 2020), as BRECQ uses it: each weight rounds down or up, decided
+# by a learned variable V through a rectified sigmoid h(V) in [0, 1].
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: mx.array) -> mx.array:
+    """h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    return mx.clip(mx.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+def adaround_init(w: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """V such that h(V) equals the fractional part of (w - b) / s (soft RTN start)."""
+    g = _grouped(w, group_size)
+    s = scales[..., None]
+    u = (g - biases[..., None]) / mx.where(s == 0, mx.ones_like(s), s)
+    frac = u - mx.floor(u)
+    p = mx.clip((frac - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA), 1e-4, 1 - 1e-4)
+    return (mx.log(p) - mx.log1p(-p)).reshape(w.shape)
+
+
+def adaround_codes(
+    w: mx.array, v: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
+    hard: bool = False,
+) -> mx.array:
+    """clip(floor((w - b) / s) + h(V), 0, n); hard=True rounds h(V) to {0, 1} (exact codes)."""
+    g = _grouped(w, group_size)
+    s = scales[..., None]
+    u = (g - biases[..., None]) / mx.where(s == 0, mx.ones_like(s), s)
+    h = rectified_sigmoid(v).reshape(g.shape)
+    if hard:
+        h = (h >= 0.5).astype(w.dtype)
+    return mx.clip(mx.floor(u) + h, 0, n_levels(bits)).reshape(w.shape)
+
+
+def adaround_regularizer(v: mx.array, beta: float) -> mx.array:
+    """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1 as beta anneals down."""
+    return (1.0 - mx.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta).sum()

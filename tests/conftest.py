@@ -76,3 +76,16 @@ ENGLISH_TEXT = (
     "the hospital, the schools or the small factories outside the centre, and on Sundays "
     "families walk in the hills above the valley, where the air is clean and the views are wide."
 )
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    """Eight small images of varied sizes and aspect ratios (calibration set)."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(8):
+        h, w = 40 + 12 * i, 100 - 6 * i
+        base = rng.random((1, 1, 3)) * np.linspace(0, 1, w)[None, :, None]  # smooth gradients
+        img = np.clip(base + 0.3 * rng.random((h, w, 3)), 0, 1)
+        Image.fromarray((img * 255).astype("uint8")).save(folder / f"img{i}.png")
+    return folder

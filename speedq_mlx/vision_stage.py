@@ -1,0 +1,297 @@
+"""SPEED-Q stage 1: block-wise learned rounding (AdaRound, BRECQ's setting) of the ViT.
+
+For each InternViT block in order: quantize its linears with the recipe's vision bits
+(scale/bias from a min/max + shrink-factor MSE search), then learn, for every weight,
+whether it rounds down or up so that the block's output on the inputs produced by the
+already-quantized previous blocks matches the full-precision block on full-precision
+inputs. The rounding is hardened to exact integer codes, so the result is an ordinary
+`QuantLinear` in MLX's affine format and exports exactly.
+
+Block inputs/targets are cached in memory and in the run folder after every block, so
+an interrupted run resumes at the next block with the same codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from . import quantizer as Q
+from .errors import SpeedQError
+from .qlayers import AdaRoundLinear, QuantLinear
+
+LINEARS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass
+class Stage1Config:
+    """Recipe [stage1] knobs (defaults are scaled for a laptop, not BRECQ's 20k iters)."""
+
+    images: int = 64          # calibration images (all their tiles are used)
+    max_tiles: int = 256      # cap on calibration tiles
+    iters: int = 200          # AdaRound steps per block
+    batch: int = 8            # tiles per step
+    lr: float = 1e-3          # Adam on the rounding variables
+    reg: float = 0.01         # weight of the rounding regulariser
+    warmup: float = 0.2       # fraction of steps without the regulariser
+    beta_start: float = 20.0  # regulariser exponent, annealed linearly to beta_end
+    beta_end: float = 2.0
+    layers: list = field(default_factory=lambda: list(LINEARS))
+    mse_grid: int = 20        # shrink factors tried for the scale/bias init
+    min_shrink: float = 0.5
+    eval_chunk: int = 32      # tiles per forward when measuring errors
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "Stage1Config":
+        raw = dict(recipe.get("stage1", {}))
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpeedQError(f"recipe [stage1]: unknown key(s) {', '.join(sorted(unknown))}")
+        bad = set(raw.get("layers", [])) - set(LINEARS)
+        if bad:
+            raise SpeedQError(f"recipe [stage1] layers: unknown {sorted(bad)} (choose from {list(LINEARS)})")
+        return cls(**raw)
+
+
+def vision_features(model, pixels: mx.array) -> mx.array:
+    """Projected image features (after mlp1), the quantity the language model sees.
+
+    `pixels` are channel-last tiles [N, S, S, 3].
+    """
+    from mlx_vlm.models.base import pixel_shuffle
+
+    h, _, _ = model.vision_model(pixels, output_hidden_states=True)
+    h = pixel_shuffle(h[:, 1:, :], shuffle_ratio=model.downsample_ratio)
+    for layer in model.mlp1:
+        h = layer(h)
+    return h
+
+
+def calibration_pixels(config: dict, image_paths: list, cfg: Stage1Config, dtype) -> mx.array:
+    """Channel-last tiles [N, S, S, 3] of the first `cfg.images` images, at most max_tiles."""
+    from .images import image_processor, tiles
+
+    proc = image_processor(config)
+    out, n = [], 0
+    for path in image_paths[: cfg.images]:
+        t = tiles(proc, path)
+        out.append(t)
+        n += t.shape[0]
+        if n >= cfg.max_tiles:
+            break
+    if not out:
+        raise SpeedQError("stage 1 needs at least one calibration image (--images DIR)")
+    pixels = mx.concatenate(out, axis=0)[: cfg.max_tiles]
+    return pixels.transpose(0, 2, 3, 1).astype(dtype)
+
+
+def _chunked(fn, x: mx.array, chunk: int) -> mx.array:
+    outs = []
+    for i in range(0, x.shape[0], chunk):
+        y = fn(x[i : i + chunk])
+        mx.eval(y)
+        outs.append(y)
+    return mx.concatenate(outs, axis=0)
+
+
+def _mse(block, x, target, chunk) -> float:
+    """Mean squared error per element of block(x) against target."""
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        d = block(x[i : i + chunk]) - target[i : i + chunk]
+        total += float((d.astype(mx.float32) ** 2).sum())
+    return total / target.size
+
+
+def _copy_block(block, vision_config):
+    """An independent float copy of an InternViT EncoderLayer (its linears can be swapped)."""
+    from mlx_vlm.models.internvl_chat.vision import EncoderLayer
+
+    twin = EncoderLayer(vision_config)
+    twin.update(block.parameters())
+    twin.eval()
+    return twin
+
+
+def _set(block, dotted: str, module) -> None:
+    parent_name, leaf = dotted.split(".")
+    setattr(getattr(block, parent_name), leaf, module)
+
+
+def _get(block, dotted: str):
+    parent_name, leaf = dotted.split(".")
+    return getattr(getattr(block, parent_name), leaf)
+
+
+def _rtn_block(block, vision_config, settings: dict, scale_dtype):
+    """The same block with min/max round-to-nearest linears (the baseline)."""
+    twin = _copy_block(block, vision_config)
+    for dotted, (bits, group) in settings.items():
+        lin = _get(block, dotted)
+        _set(twin, dotted, QuantLinear(lin.weight, lin.get("bias"), bits=bits,
+                                       group_size=group, scale_dtype=scale_dtype))
+    return twin
+
+
+def _train_block(block_q, ada: dict, x_q, target, cfg: Stage1Config, key, log_every=None):
+    """Adam on the rounding variables V of `ada` (dotted name -> AdaRoundLinear)."""
+    block_q.freeze()
+    for m in ada.values():
+        m.unfreeze(keys=["V"])
+    opt = optim.Adam(learning_rate=cfg.lr)
+    n = x_q.shape[0]
+    warm = int(cfg.warmup * cfg.iters)
+
+    def loss_fn(model, xb, yb, beta, lam):
+        d = model(xb) - yb
+        rec = (d * d).reshape(d.shape[0], -1).sum(axis=1).mean()
+        reg = sum(Q.adaround_regularizer(m.V, beta) for m in ada.values())
+        return rec + lam * reg, rec
+
+    step = nn.value_and_grad(block_q, loss_fn)
+    keys = mx.random.split(key, cfg.iters)
+    for it in range(cfg.iters):
+        idx = mx.random.randint(0, n, (min(cfg.batch, n),), key=keys[it])
+        if it < warm:
+            beta, lam = cfg.beta_start, 0.0
+        else:
+            t = (it - warm) / max(1, cfg.iters - warm)
+            beta, lam = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - t), cfg.reg
+        (_, _), grads = step(block_q, x_q[idx], target[idx], beta, lam)
+        opt.update(block_q, grads)
+        mx.eval(block_q.trainable_parameters(), opt.state)
+
+
+def _fingerprint(cfg: Stage1Config, settings: dict, pixels: mx.array, n_blocks: int) -> str:
+    h = hashlib.sha256(json.dumps([asdict(cfg), sorted((k, list(v)) for k, v in settings.items()),
+                                   list(pixels.shape), n_blocks]).encode())
+    h.update(bytes(memoryview(mx.array(pixels[:, ::7, ::7, :]).astype(mx.float32))))
+    return h.hexdigest()[:16]
+
+
+def run_stage1(model, plan: dict, pixels: mx.array, cfg: Stage1Config, run_dir: Path,
+               resume: bool = False, scale_dtype=mx.float16, log=print) -> dict:
+    """Quantize model.vision_model's blocks in place; returns the per-block report."""
+    layers = model.vision_model.encoder.layers
+    prefix = "vision_model.encoder.layers"
+    per_block = []
+    for i in range(len(layers)):
+        s = {}
+        for short in cfg.layers:
+            setting = plan.get(f"{prefix}.{i}.{LINEARS[short]}")
+            if setting is not None:
+                s[LINEARS[short]] = setting
+        per_block.append(s)
+    state_dir = Path(run_dir) / "stage1"
+    fp = _fingerprint(cfg, {f"{i}.{k}": v for i, s in enumerate(per_block) for k, v in s.items()},
+                      pixels, len(layers))
+    report = {"fingerprint": fp, "config": asdict(cfg), "tiles": int(pixels.shape[0]), "blocks": []}
+    start = 0
+    if (state_dir / "state.json").is_file():
+        state = json.loads((state_dir / "state.json").read_text())
+        if not resume:
+            raise SpeedQError(f"{state_dir} holds a stage-1 checkpoint; pass --resume to continue "
+                              "it, or --overwrite to start again")
+        if state["fingerprint"] != fp:
+            raise SpeedQError(f"{state_dir} was made with other stage-1 settings or images; "
+                              "use another --run-dir or --overwrite")
+        report = state
+        start = len(state["blocks"])
+        _load_blocks(layers, prefix, state_dir / "blocks.safetensors", start, scale_dtype, per_block)
+        acts = mx.load(str(state_dir / "acts.safetensors"))
+        x_q, x_fp = acts["x_q"], acts["x_fp"]
+        log(f"stage 1: resuming at block {start}/{len(layers)}")
+    else:
+        x_fp = _chunked(model.vision_model.embeddings, pixels, cfg.eval_chunk)
+        x_q = x_fp
+    state_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, len(layers)), desc="stage 1 (vision blocks)", unit="block",
+               initial=start, total=len(layers))
+    for i in bar:
+        t0 = time.time()
+        block = layers[i]
+        target = _chunked(block, x_fp, cfg.eval_chunk)
+        settings = per_block[i]
+        if not settings:
+            x_q = _chunked(block, x_q, cfg.eval_chunk)
+            x_fp = target
+            report["blocks"].append({"block": i, "skipped": True})
+            _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
+            continue
+        vcfg = model.config.vision_config
+        rtn_loss = _mse(_rtn_block(block, vcfg, settings, scale_dtype), x_q, target, cfg.eval_chunk)
+        block_q = _copy_block(block, vcfg)
+        ada = {}
+        for dotted, (bits, group) in settings.items():
+            lin = _get(block, dotted)
+            s_, b_ = Q.mse_params(lin.weight, bits, group, scale_dtype, cfg.mse_grid, cfg.min_shrink)
+            ada[dotted] = AdaRoundLinear(lin.weight, lin.get("bias"), s_, b_, bits, group, scale_dtype)
+            _set(block_q, dotted, ada[dotted])
+        for m in ada.values():
+            m.hard = True
+        init_loss = _mse(block_q, x_q, target, cfg.eval_chunk)
+        for m in ada.values():
+            m.hard = False
+        _train_block(block_q, ada, x_q, target, cfg, mx.random.key(cfg.seed * 100003 + i))
+        for dotted, m in ada.items():
+            _set(block, dotted, m.harden())
+        final_loss = _mse(block, x_q, target, cfg.eval_chunk)
+        x_q = _chunked(block, x_q, cfg.eval_chunk)
+        x_fp = target
+        entry = {"block": i, "rtn_mse": rtn_loss, "init_mse": init_loss, "final_mse": final_loss,
+                 "seconds": round(time.time() - t0, 2)}
+        report["blocks"].append(entry)
+        bar.set_postfix(rtn=f"{rtn_loss:.3g}", final=f"{final_loss:.3g}")
+        (bar.write if log is print else log)(
+            f"stage 1 block {i}: mse rtn {rtn_loss:.4g} -> init {init_loss:.4g} -> "
+            f"adaround {final_loss:.4g} ({entry['seconds']}s)")
+        _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
+    (Path(run_dir) / "stage1_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _save(state_dir: Path, report: dict, layers, prefix: str, x_q, x_fp, done: int) -> None:
+    """Checkpoint atomically: quantized blocks so far, next inputs, report."""
+    weights = {}
+    for i in range(done):
+        for dotted in LINEARS.values():
+            m = _get(layers[i], dotted)
+            if isinstance(m, QuantLinear):
+                for k, v in tree_flatten(m.parameters()):
+                    weights[f"{prefix}.{i}.{dotted}.{k}"] = v
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "blocks.safetensors"), weights or {"_": mx.zeros(1)})
+    mx.save_safetensors(str(tmp / "acts.safetensors"), {"x_q": x_q, "x_fp": x_fp})
+    (tmp / "state.json").write_text(json.dumps(report, indent=2))
+    old = state_dir.with_name(state_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        state_dir.rename(old)
+    tmp.rename(state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_blocks(layers, prefix, path: Path, done: int, scale_dtype, per_block) -> None:
+    saved = mx.load(str(path))
+    for i in range(done):
+        for dotted, (bits, group) in per_block[i].items():
+            key = f"{prefix}.{i}.{dotted}"
+            layer = QuantLinear(saved[key + ".weight"], saved.get(key + ".bias"), bits=bits,
+                                group_size=group, scale_dtype=scale_dtype,
+                                scales=saved[key + ".scales"], biases=saved[key + ".biases"])
+            layer.freeze()
+            _set(layers[i], dotted, layer)

@@ -1,0 +1,134 @@
+"""Stage 1: learned rounding of the vision tower beats round-to-nearest, resumes exactly,
+and exports into an artifact whose vision output mlx-vlm reproduces."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from speedq_mlx import model_io
+from speedq_mlx.errors import SpeedQError
+from speedq_mlx.export import write_artifact
+from speedq_mlx.images import find_images
+from speedq_mlx.plan import apply_plan, build_plan
+from speedq_mlx.qlayers import QuantLinear
+from speedq_mlx.vision_stage import Stage1Config, calibration_pixels, run_stage1, vision_features
+
+FLOAT = {"projector": None, "language": None, "embeddings": None, "lm_head": None}
+
+
+def _setup(ckpt, image_dir, bits, cfg):
+    tok = model_io.load_tokenizer(ckpt)
+    model = model_io.load_model(ckpt, mx.float32, model_io.image_token_id(tok))
+    plan = build_plan(model, {"vision": (bits, 64), **FLOAT})
+    pixels = calibration_pixels(model_io.read_config(ckpt), find_images(image_dir), cfg, mx.float32)
+    return model, plan, pixels, tok
+
+
+def _rtn_features(ckpt, plan, pixels):
+    model = model_io.load_model(ckpt, mx.float32)
+    apply_plan(model, plan, scale_dtype=mx.float16)
+    return vision_features(model, pixels)
+
+
+def _feature_ratio(ckpt, image_dir, bits, tmp_path, cfg):
+    model, plan, pixels, _ = _setup(ckpt, image_dir, bits, cfg)
+    ref = vision_features(model, pixels)
+    rep = run_stage1(model, plan, pixels, cfg, tmp_path / f"run{bits}", log=lambda *a: None)
+    for b in rep["blocks"]:
+        assert b["final_mse"] < b["rtn_mse"], b  # every block beats round-to-nearest
+    err_stage1 = float(((vision_features(model, pixels) - ref) ** 2).mean())
+    err_rtn = float(((_rtn_features(ckpt, plan, pixels) - ref) ** 2).mean())
+    return err_stage1 / err_rtn, rep
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_stage1_beats_rtn_on_tiny_model(tiny_ckpt, image_dir, tmp_path, bits):
+    ratio, rep = _feature_ratio(tiny_ckpt, image_dir, bits, tmp_path, Stage1Config(iters=150))
+    print(f"tiny W{bits}: vision-feature MSE stage1/RTN = {ratio:.3f}")
+    assert ratio < 0.8
+    saved = json.loads((tmp_path / f"run{bits}" / "stage1_report.json").read_text())
+    assert [b["block"] for b in saved["blocks"]] == [0, 1]
+    assert all({"rtn_mse", "init_mse", "final_mse", "seconds"} <= set(b) for b in saved["blocks"])
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("bits", [2, 4])
+def test_stage1_beats_rtn_on_real_weights_model(smollm_ckpt, image_dir, tmp_path, bits):
+    ratio, _ = _feature_ratio(smollm_ckpt, image_dir, bits, tmp_path, Stage1Config(iters=150))
+    print(f"smollm W{bits}: vision-feature MSE stage1/RTN = {ratio:.3f}")
+    assert ratio < 0.8
+
+
+def _codes(model):
+    out = {}
+    for p, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[p] = np.array(m.packed()["weight"])
+    return out
+
+
+def test_resume_after_interruption_gives_same_codes(tiny_ckpt, image_dir, tmp_path):
+    cfg = Stage1Config(iters=60)
+    model, plan, pixels, _ = _setup(tiny_ckpt, image_dir, 2, cfg)
+    run_stage1(model, plan, pixels, cfg, tmp_path / "full", log=lambda *a: None)
+    reference = _codes(model)
+
+    class Interrupt(Exception):
+        pass
+
+    def die_at_block_1(msg):
+        if msg.startswith("stage 1 block 1"):
+            raise Interrupt
+
+    model, plan, pixels, _ = _setup(tiny_ckpt, image_dir, 2, cfg)
+    with pytest.raises(Interrupt):
+        run_stage1(model, plan, pixels, cfg, tmp_path / "cut", log=die_at_block_1)
+    state = json.loads((tmp_path / "cut" / "stage1" / "state.json").read_text())
+    assert len(state["blocks"]) == 1
+    with pytest.raises(SpeedQError, match="pass --resume"):
+        run_stage1(*_setup(tiny_ckpt, image_dir, 2, cfg)[:3], cfg, tmp_path / "cut")
+    model, plan, pixels, _ = _setup(tiny_ckpt, image_dir, 2, cfg)
+    messages = []
+    run_stage1(model, plan, pixels, cfg, tmp_path / "cut", resume=True, log=messages.append)
+    assert messages[0] == "stage 1: resuming at block 1/2"
+    resumed = _codes(model)
+    assert reference.keys() == resumed.keys() and len(reference) == 8
+    for k in reference:
+        np.testing.assert_array_equal(reference[k], resumed[k], err_msg=k)
+    other = Stage1Config(iters=61)
+    with pytest.raises(SpeedQError, match="other stage-1 settings"):
+        run_stage1(*_setup(tiny_ckpt, image_dir, 2, other)[:3], other, tmp_path / "cut", resume=True)
+
+
+def test_exported_stage1_vision_matches_in_memory(tiny_ckpt, image_dir, tmp_path):
+    from mlx_vlm import load
+
+    cfg = Stage1Config(iters=40)
+    model, plan, pixels, tok = _setup(tiny_ckpt, image_dir, 2, cfg)
+    run_stage1(model, plan, pixels, cfg, tmp_path / "run", scale_dtype=None, log=lambda *a: None)
+    out = write_artifact(tmp_path / "art", model, plan, model_io.read_config(tiny_ckpt), tok,
+                         dtype=mx.float32)
+    loaded, _ = load(str(out))
+    ref, got = vision_features(model, pixels), vision_features(loaded, pixels)
+    assert float(mx.abs(got - ref).max()) < 1e-4 * float(mx.abs(ref).max())
+    assert type(loaded.vision_model.encoder.layers[0].attn.qkv).__name__ == "QuantizedLinear"
+
+
+def test_cli_speedq_stage1(tiny_ckpt, image_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[quant]\nbits = 2\ngroup_size = 64\n[stage1]\niters = 20\nlayers = [\"qkv\", \"fc1\"]\n")
+    args = ["quantize", "-m", tiny_ckpt, "--method", "speedq", "--stages", "1", "--recipe", recipe,
+            "-o", tmp_path / "out"]
+    code, _, err = run_cli([*args[:-2], "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "pass --images DIR" in err
+    code, out, err = run_cli([*args, "--images", image_dir], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "out" / "stage1_report.json").read_text())
+    assert report["config"]["layers"] == ["qkv", "fc1"] and len(report["blocks"]) == 2
+    assert "stages run: 1" in (tmp_path / "out" / "README.md").read_text()
+    code, _, err = run_cli([*args[:-2], "-o", tmp_path / "y", "--images", tmp_path / "nothing"], capsys)
+    assert code == 2 and "image folder not found" in err
