@@ -198,8 +198,9 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32, std: float = 0
     return w
 
 
-def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer) -> Path:
-    """Write config.json, model.safetensors (bf16 unless arrays say otherwise),
+def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer, dtype=None) -> Path:
+    """Write config.json, model.safetensors (numpy or mx arrays, cast to `dtype` if given,
+    e.g. mx.bfloat16 as the hub checkpoints are),
     generation_config.json and the tokenizer files, as a Hugging Face InternVL repo has them.
 
     `tokenizer` is a transformers tokenizer; its `<IMG_CONTEXT>` id and eos ids are recorded.
@@ -214,12 +215,17 @@ def write_checkpoint(out_dir: Path, config: dict, weights: dict, tokenizer) -> P
         llm["eos_token_id"] = eos
     if llm.get("bos_token_id") is None:
         llm["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    arrays = {k: v if isinstance(v, mx.array) else mx.array(np.ascontiguousarray(v))
+              for k, v in weights.items()}
+    if dtype is not None:
+        arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16",
+                             mx.bfloat16: "bfloat16"}[next(iter(arrays.values())).dtype]
+    mx.save_safetensors(str(out_dir / "model.safetensors"), arrays, metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [eos], "max_new_tokens": 256}, indent=2)
     )
-    arrays = {k: mx.array(np.ascontiguousarray(v)) for k, v in weights.items()}
-    mx.save_safetensors(str(out_dir / "model.safetensors"), arrays, metadata={"format": "pt"})
     return out_dir
 
 

@@ -1,0 +1,324 @@
+"""SPEED-Q stages 2 and 3: projector re-alignment, then language-model QAT with distillation.
+
+Stage 2: the stage-1 (quantized, frozen) vision tower feeds a trainable float `mlp1`
+into the frozen float language model; next-token CE on answers, optionally plus a
+distillation term against the full-precision model.
+
+Stage 3: (1) asymmetric clipping initialisation of the language linears on
+calibration activations (`clip_init`); (2) QAT of every language linear through the
+shared fake quantizer (STE), the projector still training in float, the ViT frozen,
+embeddings / lm_head frozen at their recipe bits; (3) loss = lambda * CAKLD + zeta * CE
+per answer token against the full-precision teacher on the same batch, live or from a
+cached top-k pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import distill as D
+from .clip_init import clip_weight, gram_blocks, search_clip
+from .errors import SpeedQError
+from .forward import logits as vlm_logits
+from .qlayers import QuantLinear
+from .train_loop import TrainConfig, grad_checkpoint, train
+
+STAGE_KEYS = ("distill", "distill_weight", "ce_weight", "label_smoothing", "gamma_batches",
+              "teacher", "topk", "learn_qparams", "clip_init", "clip_skip", "clip_batches",
+              "train_projector", "grad_checkpoint")
+
+
+@dataclass
+class StageConfig:
+    train: TrainConfig
+    distill: str = "cakld"            # cakld | forward | reverse
+    distill_weight: float = 1.0       # lambda (0 turns distillation off)
+    ce_weight: float = 1.0            # zeta (0 turns CE off)
+    label_smoothing: float = 0.0
+    gamma_batches: int = 8            # batches whose teacher top-1 mean is CAKLD's gamma
+    teacher: str = "live"             # live | cached (top-k logits on disk)
+    topk: int = 64
+    learn_qparams: bool = False       # learn scales/biases, or recompute min/max each step
+    clip_init: bool = True
+    clip_skip: list = field(default_factory=lambda: ["q_proj", "k_proj"])
+    clip_batches: int = 8
+    train_projector: bool = True
+    grad_checkpoint: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe: dict, name: str, **defaults) -> "StageConfig":
+        section = dict(recipe.get(name, {}))
+        train_cfg = TrainConfig.from_section(section, name, extra=STAGE_KEYS)
+        own = {k: section[k] for k in STAGE_KEYS if k in section}
+        cfg = cls(train=train_cfg, **{**defaults, **own})
+        if cfg.teacher not in ("live", "cached"):
+            raise SpeedQError(f"recipe [{name}] teacher must be 'live' or 'cached', got {cfg.teacher!r}")
+        if cfg.distill not in ("cakld", "forward", "reverse"):
+            raise SpeedQError(f"recipe [{name}] distill must be cakld, forward or reverse")
+        return cfg
+
+
+def _pad(rows, value, length):
+    return [list(r) + [value] * (length - len(r)) for r in rows]
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of samples {input_ids, loss_mask, pixel_values?, teacher_*?}."""
+    L = max(len(s["input_ids"]) for s in samples)
+    batch = {"input_ids": mx.array(_pad([s["input_ids"] for s in samples], pad_id, L)),
+             "loss_mask": mx.array(_pad([s["loss_mask"] for s in samples], 0, L))}
+    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    batch["pixel_values"] = mx.concatenate(pix, axis=0) if pix else None
+    if "teacher_idx" in samples[0]:
+        k = samples[0]["teacher_idx"].shape[-1]
+        batch["teacher"] = (
+            mx.stack([_pad_rows(s["teacher_idx"], L, 0) for s in samples]),
+            mx.stack([_pad_rows(s["teacher_logp"], L, -1e4) for s in samples]))
+        assert batch["teacher"][0].shape[-1] == k
+    return batch
+
+
+def _pad_rows(a: mx.array, length: int, value) -> mx.array:
+    if a.shape[0] == length:
+        return a
+    pad = mx.full((length - a.shape[0], a.shape[1]), value, dtype=a.dtype)
+    return mx.concatenate([a, pad], axis=0)
+
+
+def fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def samples_fingerprint(samples: list[dict]) -> list:
+    return [sum(s["input_ids"]) % 1000003 for s in samples] + [len(samples)]
+
+
+# ---------------------------------------------------------------- teacher
+
+def teacher_topk_cache(teacher, samples: list[dict], k: int, cache_dir: Path, image_token: int,
+                       log=print) -> None:
+    """First pass: the teacher's top-k (indices, log-probs) per sample, saved to disk and
+    attached to the samples; a re-run (resume) reads the files instead of the teacher."""
+    from tqdm import tqdm
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(samples)) if not (cache_dir / f"{i}.safetensors").is_file()]
+    for i in tqdm(todo, desc="teacher top-k", unit="sample", disable=not todo):
+        s = samples[i]
+        lg = vlm_logits(teacher, mx.array([s["input_ids"]]), s.get("pixel_values"), image_token)
+        idx, lp = D.teacher_topk(lg[0], k)
+        mx.save_safetensors(str(cache_dir / f"{i}.safetensors"),
+                            {"idx": idx, "logp": lp.astype(mx.float16)})
+    for i, s in enumerate(samples):
+        t = mx.load(str(cache_dir / f"{i}.safetensors"))
+        s["teacher_idx"], s["teacher_logp"] = t["idx"], t["logp"].astype(mx.float32)
+
+
+def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> float:
+    """CAKLD's gamma: the teacher's mean top-1 probability on answer tokens."""
+    total = count = 0.0
+    for step in range(n_batches):
+        b = get_batch(step)
+        t = b.get("teacher")
+        if t is None:
+            t = vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token)
+        s, n = D.teacher_confidence(t, b["input_ids"], b["loss_mask"])
+        total, count = total + s, count + n
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------- clipping init
+
+class _GramRecorder(nn.Module):
+    """Stands in for a linear during calibration and accumulates X^T X group blocks."""
+
+    def __init__(self, inner, group_size):
+        super().__init__()
+        self.inner = inner
+        self.group_size = group_size
+        self.gram = None
+
+    def __call__(self, x):
+        g = gram_blocks(x, self.group_size)
+        self.gram = g if self.gram is None else self.gram + g
+        mx.eval(self.gram)
+        return self.inner(x)
+
+
+def calibration_grams(model, targets: dict, batches: list, image_token: int) -> dict:
+    """path -> gram blocks of each target linear's inputs over the calibration batches."""
+    modules = dict(model.named_modules())
+    recorders = {p: _GramRecorder(modules[p], g) for p, (_, g) in targets.items()}
+    _swap(model, recorders)
+    try:
+        for b in batches:
+            mx.eval(vlm_logits(model, b["input_ids"], b["pixel_values"], image_token))
+    finally:
+        _swap(model, {p: r.inner for p, r in recorders.items()})
+    return {p: r.gram for p, r in recorders.items()}
+
+
+def _swap(model, new_modules: dict) -> None:
+    from mlx.utils import tree_unflatten
+
+    model.update_modules(tree_unflatten(list(new_modules.items())))
+
+
+def quantize_language(model, plan: dict, cfg: StageConfig, calib_batches: list, image_token: int,
+                      scale_dtype, log=print) -> dict:
+    """Replace the language linears with QuantLinear, clip-initialised; returns search stats."""
+    targets = {p: s for p, s in plan.items() if s is not None and p.startswith("language_model.")
+               and p != "language_model.lm_head" and not p.endswith("embed_tokens")}
+    clip_targets = {p: s for p, s in targets.items()
+                    if cfg.clip_init and p.rsplit(".", 1)[-1] not in cfg.clip_skip}
+    grams = calibration_grams(model, clip_targets, calib_batches, image_token) if clip_targets else {}
+    modules = dict(model.named_modules())
+    new, stats = {}, {}
+    from tqdm import tqdm
+
+    for p, (bits, group) in tqdm(sorted(targets.items()), desc="clip init", unit="layer",
+                                 disable=not clip_targets):
+        lin = modules[p]
+        w = lin.weight
+        if p in grams:
+            s, b, st = search_clip(w, grams[p], bits, group, scale_dtype)
+            stats[p] = st
+            w = clip_weight(w, s, b, bits, group)
+            kw = {"scales": s, "biases": b} if cfg.learn_qparams else {}
+        else:
+            kw = {"learn_qparams": cfg.learn_qparams}
+        new[p] = QuantLinear(w, lin.get("bias"), bits=bits, group_size=group,
+                             scale_dtype=scale_dtype, **kw)
+    _swap(model, new)
+    if stats:
+        rtn = sum(v["rtn_error"] for v in stats.values())
+        clip = sum(v["clip_error"] for v in stats.values())
+        log(f"clip init: {len(stats)} layers, calibration output error {rtn:.4g} -> {clip:.4g}")
+    return stats
+
+
+# ---------------------------------------------------------------- stages
+
+def _loss_fn(cfg: StageConfig, gamma: float, image_token: int):
+    def loss_fn(model, batch):
+        lg = vlm_logits(model, batch["input_ids"], batch["pixel_values"], image_token)
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        total = mx.array(0.0)
+        metrics = {}
+        if cfg.ce_weight:
+            ce = D.cross_entropy(lg, ids, mask, cfg.label_smoothing)
+            total = total + cfg.ce_weight * ce
+            metrics["loss_ce"] = ce
+        if cfg.distill_weight:
+            kd = D.distill_loss(lg, batch["teacher"], ids, mask, cfg.distill, gamma)
+            total = total + cfg.distill_weight * kd
+            metrics["loss_distill"] = kd
+        return total, metrics, float(mask[:, 1:].sum())
+
+    return loss_fn
+
+
+def _batcher(samples, cfg: StageConfig, pad_id: int, teacher, image_token: int):
+    from .train_loop import batch_order
+
+    def get_batch(step):
+        idx = batch_order(len(samples), step, cfg.train.batch, cfg.train.seed)
+        b = collate([samples[i] for i in idx], pad_id)
+        if cfg.distill_weight and "teacher" not in b:
+            b["teacher"] = mx.stop_gradient(
+                vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token))
+            mx.eval(b["teacher"])
+        return b
+
+    return get_batch
+
+
+def _gamma(cfg, teacher, get_batch, image_token, run_dir: Path, name: str, log) -> float:
+    if not (cfg.distill_weight and cfg.distill == "cakld"):
+        return 0.5
+    path = run_dir / f"{name}_gamma.json"
+    if path.is_file():
+        return json.loads(path.read_text())["gamma"]
+    gamma = estimate_gamma(teacher, get_batch, cfg.gamma_batches, image_token)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"gamma": gamma, "batches": cfg.gamma_batches}))
+    log(f"{name}: CAKLD gamma (teacher mean top-1 probability) = {gamma:.4f}")
+    return gamma
+
+
+def run_stage2(model, teacher, samples: list[dict], cfg: StageConfig, run_dir: Path, pad_id: int,
+               image_token: int, resume: bool = False, log=print) -> dict:
+    """Train mlp1 (float) between the quantized ViT and the frozen float language model."""
+    if not samples:
+        raise SpeedQError("stage 2 needs image-text training samples (--data FILE)")
+    model.freeze()
+    for layer in model.mlp1:
+        if isinstance(layer, nn.Module) and layer.parameters():
+            layer.unfreeze()
+    get_batch = _batcher(samples, cfg, pad_id, teacher, image_token)
+    gamma = _gamma(cfg, teacher, get_batch, image_token, Path(run_dir), "stage2", log)
+    fp = fingerprint(asdict(cfg), samples_fingerprint(samples))
+    return train(model, _loss_fn(cfg, gamma, image_token), get_batch, cfg.train, run_dir, "stage2",
+                 resume, log, fp)
+
+
+def run_stage3(model, teacher, plan: dict, samples: list[dict], calib_batches: list,
+               cfg: StageConfig, run_dir: Path, pad_id: int, image_token: int, scale_dtype,
+               resume: bool = False, log=print) -> dict:
+    """Clip-init + QAT of the language model; the model's language linears end up QuantLinear."""
+    if not samples:
+        raise SpeedQError("stage 3 needs training samples (--data FILE)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.teacher == "cached" and cfg.distill_weight:
+        teacher_topk_cache(teacher, samples, cfg.topk, run_dir / "teacher_topk", image_token, log)
+    stats = quantize_language(model, plan, cfg, calib_batches, image_token, scale_dtype, log)
+    (run_dir / "clip_init.json").write_text(json.dumps(stats, indent=1))
+    model.freeze()
+    for p, m in model.named_modules():
+        if isinstance(m, QuantLinear) and p.startswith("language_model."):
+            m.unfreeze()  # latent weight, float bias, and learnable scales/biases if any
+    if cfg.train_projector:
+        for layer in model.mlp1:
+            if isinstance(layer, nn.Module) and layer.parameters():
+                layer.unfreeze()
+    if cfg.grad_checkpoint:
+        grad_checkpoint(model.language_model.model.layers[0])
+    get_batch = _batcher(samples, cfg, pad_id, teacher, image_token)
+    gamma = _gamma(cfg, teacher, get_batch, image_token, run_dir, "stage3", log)
+    fp = fingerprint(asdict(cfg), samples_fingerprint(samples), sorted(plan.items()))
+    result = train(model, _loss_fn(cfg, gamma, image_token), get_batch, cfg.train, run_dir,
+                   "stage3", resume, log, fp)
+    result["gamma"] = gamma
+    return result
+
+
+def text_sample(tokenizer, text_ids: list[int]) -> dict:
+    """A text-only sample whose every next-token is a target (clip calibration, eval)."""
+    return {"input_ids": list(text_ids), "loss_mask": [1] * len(text_ids), "pixel_values": None}
+
+
+def chat_sample(tokenizer, prompt: str, answer: str, pixel_values=None, num_image_token: int = 0,
+                template: str = "Hermes-2") -> dict:
+    """One-turn ChatML sample with the loss on the answer and its <|im_end|> (for tests and
+    small jobs; the data layer builds multi-turn samples the same way)."""
+    from .chat_template import render
+
+    n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+    if n_tiles:
+        prompt = prompt.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (num_image_token * n_tiles)
+                                + "</img>", 1)
+    head = render(template, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    head_ids = tokenizer.encode(head, add_special_tokens=False)
+    ans_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    return {"input_ids": head_ids + ans_ids, "loss_mask": [0] * len(head_ids) + [1] * len(ans_ids),
+            "pixel_values": pixel_values}

@@ -1,0 +1,210 @@
+"""The optimisation loop stages 2 and 3 share: AdamW, warm-up + cosine schedule,
+gradient clipping, a NaN/inf guard, checkpoints with exact resume, a JSONL log, a
+loss-curve PNG and a progress bar.
+
+Resume is exact because (a) the batch of step t is a pure function of (seed, t), and
+(b) a checkpoint holds the trainable parameters and the whole optimizer state (its
+step counter drives the schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import SpeedQError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr: float = 1e-4
+    warmup: float = 0.03          # fraction of steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0        # max global gradient norm (0: off)
+    batch: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def from_section(cls, section: dict, name: str, extra: tuple = ()) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(section) - known - set(extra)
+        if unknown:
+            raise SpeedQError(f"recipe [{name}]: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in section.items() if k in known})
+
+
+def schedule(cfg: TrainConfig):
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warm), end=cfg.lr * 0.01)
+    return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
+
+
+def batch_order(n: int, step: int, batch: int, seed: int) -> list[int]:
+    """Indices of step's batch: epochs of seeded permutations, a pure function of step."""
+    import numpy as np
+
+    out = []
+    pos = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(batch - len(out), n - offset)
+        out.extend(int(i) for i in perm[offset : offset + take])
+        pos += take
+    return out
+
+
+def grad_checkpoint(layer: nn.Module) -> None:
+    """Recompute this layer type's activations in the backward pass (saves memory)."""
+    cls = type(layer)
+    if getattr(cls, "_speedq_checkpointed", False):
+        return
+    fn = cls.__call__
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *a):
+            self.update(params)
+            return fn(self, *a, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+    cls.__call__ = checkpointed
+    cls._speedq_checkpointed = True
+
+
+def _save_checkpoint(ckpt_dir: Path, model: nn.Module, opt, step: int, extra: dict) -> None:
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    state = dict(tree_flatten(opt.state))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in state.items() if isinstance(v, mx.array)})
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path, model: nn.Module, opt) -> dict:
+    model.load_weights(list(mx.load(str(ckpt_dir / "trainable.safetensors")).items()), strict=False)
+    opt.state = tree_unflatten(list(mx.load(str(ckpt_dir / "optimizer.safetensors")).items()))
+    return json.loads((ckpt_dir / "state.json").read_text())
+
+
+def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
+    """Loss curve(s) of a JSONL training log as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in [k for k in rows[0] if k.startswith("loss")]:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainConfig,
+          run_dir: Path, name: str, resume: bool = False, log=print,
+          fingerprint: str = "", on_step: Callable | None = None) -> dict:
+    """Optimise model.trainable_parameters() for cfg.steps steps.
+
+    loss_fn(model, batch) -> (loss, {metric: value}, n_tokens); get_batch(step) -> batch.
+    Returns {"steps", "final_loss", "log"}.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir, log_path = run_dir / f"{name}_ckpt", run_dir / f"{name}_log.jsonl"
+    opt = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    start = 0
+    if ckpt_dir.exists():
+        if not resume:
+            raise SpeedQError(f"{ckpt_dir} holds a {name} checkpoint; pass --resume to continue it, "
+                              "or --overwrite to start again")
+        state = _load_checkpoint(ckpt_dir, model, opt)
+        if state.get("fingerprint", "") != fingerprint:
+            raise SpeedQError(f"{ckpt_dir} was made with other {name} settings or data; "
+                              "use another --run-dir or --overwrite")
+        start = state["step"]
+        _truncate_log(log_path, start)
+        log(f"{name}: resuming at step {start}/{cfg.steps}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps)
+    last_good = start
+    loss_value = float("nan")
+    for step in bar:
+        t0 = time.time()
+        batch = get_batch(step)
+        (loss, metrics, n_tok), grads = _value_metrics_grads(model, loss_fn, batch)
+        if cfg.grad_clip:
+            grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        else:
+            gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        loss_value, gnorm = float(loss), float(gnorm)
+        if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
+            raise SpeedQError(f"{name}: non-finite loss or gradient at step {step} (loss {loss_value}, "
+                              f"grad norm {gnorm}); the last good checkpoint is at step {last_good} in "
+                              f"{ckpt_dir} (lower the learning rate and --resume)")
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state)
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
+               "lr": float(opt.learning_rate), "grad_norm": gnorm, "tokens": int(n_tok),
+               "tokens_per_s": round(n_tok / dt, 1)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_tok / dt:.0f}")
+        if on_step:
+            on_step(step + 1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(ckpt_dir, model, opt, step + 1, {"fingerprint": fingerprint})
+            last_good = step + 1
+    plot_losses(log_path, run_dir / f"{name}_loss.png", name)
+    return {"steps": cfg.steps, "final_loss": loss_value, "log": str(log_path)}
+
+
+def _value_metrics_grads(model, loss_fn, batch):
+    """Loss, metrics and gradients in one pass (metrics ride along as a closure)."""
+    box = {}
+
+    def wrapped(m, b):
+        loss, metrics, n_tok = loss_fn(m, b)
+        box["metrics"], box["n"] = metrics, n_tok
+        return loss
+
+    loss, grads = nn.value_and_grad(model, wrapped)(model, batch)
+    return (loss, {k: v for k, v in box["metrics"].items()}, box["n"]), grads
+
+
+def _truncate_log(log_path: Path, steps: int) -> None:
+    """Drop log rows past the checkpoint (they are recomputed after resume)."""
+    if log_path.exists():
+        rows = [l for l in log_path.read_text().splitlines() if l.strip()]
+        log_path.write_text("".join(l + "\n" for l in rows if json.loads(l)["step"] <= steps))
