@@ -30,9 +30,17 @@ def quantize(
     bits: Optional[int] = typer.Option(None, "--bits", "-b",
                                        help="Bits of the vision/projector/language linears (2, 3, 4, 5, 6, 8)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Group size (32, 64, 128)."),
-    method: str = typer.Option("rtn", "--method", help="rtn (round-to-nearest) or speedq."),
-    stages: str = typer.Option("1", "--stages", help="SPEED-Q stages to run, e.g. 1 or 1,2,3."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder of calibration images (stage 1)."),
+    method: str = typer.Option("speedq", "--method", help="speedq (the SPEED-Q stages) or rtn (round-to-nearest)."),
+    stages: str = typer.Option("1,2,3", "--stages", help="SPEED-Q stages to run, e.g. 1 or 1,2,3."),
+    images: Optional[Path] = typer.Option(None, "--images",
+                                          help="Folder of images: stage-1 calibration, and self-distillation data when --data is not given."),
+    data: Optional[str] = typer.Option(None, "--data",
+                                       help="Conversations JSON/JSONL (InternVL/LLaVA format) or hf:NAME[:split] (stages 2, 3)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Plain text for stage 3's clipping calibration."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that --data image paths are relative to."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many training records."),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="Cap on dynamic tiles per image."),
+    seed: int = typer.Option(0, "--seed"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir",
                                            help="Checkpoints and reports (default: <output parent>/runs/<output name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoints."),
@@ -48,9 +56,13 @@ def quantize(
 
     if output is None:
         output = Path("out") / f"{Path(model).name}-w{bits if bits else 'recipe'}-{method}"
+    if resume:
+        overwrite = True  # the artifact of an interrupted run is replaced when it completes
     run(QuantizeArgs(model=model, output=output, bits=bits, group_size=group_size, method=method,
                      recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite,
-                     stages=stages, images=images, run_dir=run_dir, resume=resume))
+                     stages=stages, images=images, data=data, text=text, image_root=image_root,
+                     max_samples=max_samples, max_tiles=max_tiles, seed=seed, run_dir=run_dir,
+                     resume=resume))
 
 
 @app.command()

@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import data
 from . import distill as D
 from .clip_init import clip_weight, gram_blocks, search_clip
 from .errors import SpeedQError
@@ -30,8 +31,8 @@ from .qlayers import QuantLinear
 from .train_loop import TrainConfig, grad_checkpoint, train
 
 STAGE_KEYS = ("distill", "distill_weight", "ce_weight", "label_smoothing", "gamma_batches",
-              "teacher", "topk", "learn_qparams", "clip_init", "clip_skip", "clip_batches",
-              "train_projector", "grad_checkpoint")
+              "teacher", "topk", "learn_qparams", "clip_init", "clip_skip",
+              "train_projector", "grad_checkpoint", "clip_tokens", "clip_windows")
 
 
 @dataclass
@@ -47,7 +48,8 @@ class StageConfig:
     learn_qparams: bool = False       # learn scales/biases, or recompute min/max each step
     clip_init: bool = True
     clip_skip: list = field(default_factory=lambda: ["q_proj", "k_proj"])
-    clip_batches: int = 8
+    clip_tokens: int = 512            # calibration text window length (paper: 128 x 512)
+    clip_windows: int = 128
     train_projector: bool = True
     grad_checkpoint: bool = False
 
@@ -64,23 +66,13 @@ class StageConfig:
         return cfg
 
 
-def _pad(rows, value, length):
-    return [list(r) + [value] * (length - len(r)) for r in rows]
-
-
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad a list of samples {input_ids, loss_mask, pixel_values?, teacher_*?}."""
-    L = max(len(s["input_ids"]) for s in samples)
-    batch = {"input_ids": mx.array(_pad([s["input_ids"] for s in samples], pad_id, L)),
-             "loss_mask": mx.array(_pad([s["loss_mask"] for s in samples], 0, L))}
-    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-    batch["pixel_values"] = mx.concatenate(pix, axis=0) if pix else None
-    if "teacher_idx" in samples[0]:
-        k = samples[0]["teacher_idx"].shape[-1]
-        batch["teacher"] = (
-            mx.stack([_pad_rows(s["teacher_idx"], L, 0) for s in samples]),
-            mx.stack([_pad_rows(s["teacher_logp"], L, -1e4) for s in samples]))
-        assert batch["teacher"][0].shape[-1] == k
+def collate(samples: list, pad_id: int, topk: list | None = None) -> dict:
+    """data.collate, plus the cached teacher top-k of each sample padded to the batch."""
+    batch = data.collate(samples, pad_id)
+    if topk is not None:
+        L = batch["input_ids"].shape[1]
+        batch["teacher"] = (mx.stack([_pad_rows(t[0], L, 0) for t in topk]),
+                            mx.stack([_pad_rows(t[1], L, -1e4) for t in topk]))
     return batch
 
 
@@ -98,29 +90,30 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def samples_fingerprint(samples: list[dict]) -> list:
-    return [sum(s["input_ids"]) % 1000003 for s in samples] + [len(samples)]
+def samples_fingerprint(samples: list) -> list:
+    return [sum(s.input_ids) % 1000003 for s in samples] + [len(samples)]
 
 
 # ---------------------------------------------------------------- teacher
 
-def teacher_topk_cache(teacher, samples: list[dict], k: int, cache_dir: Path, image_token: int,
-                       log=print) -> None:
-    """First pass: the teacher's top-k (indices, log-probs) per sample, saved to disk and
-    attached to the samples; a re-run (resume) reads the files instead of the teacher."""
+def teacher_topk_cache(teacher, samples: list, k: int, cache_dir: Path, image_token: int) -> list:
+    """First pass: the teacher's top-k (indices, log-probs) per sample, saved to disk, so
+    the teacher need not stay in memory; a re-run (resume) reads the files instead."""
     from tqdm import tqdm
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(samples)) if not (cache_dir / f"{i}.safetensors").is_file()]
     for i in tqdm(todo, desc="teacher top-k", unit="sample", disable=not todo):
         s = samples[i]
-        lg = vlm_logits(teacher, mx.array([s["input_ids"]]), s.get("pixel_values"), image_token)
+        lg = vlm_logits(teacher, mx.array([s.input_ids]), s.pixel_values, image_token)
         idx, lp = D.teacher_topk(lg[0], k)
         mx.save_safetensors(str(cache_dir / f"{i}.safetensors"),
-                            {"idx": idx, "logp": lp.astype(mx.float16)})
-    for i, s in enumerate(samples):
+                            {"idx": idx, "logp": lp.astype(mx.float32)})
+    out = []
+    for i in range(len(samples)):
         t = mx.load(str(cache_dir / f"{i}.safetensors"))
-        s["teacher_idx"], s["teacher_logp"] = t["idx"], t["logp"].astype(mx.float32)
+        out.append((t["idx"], t["logp"]))
+    return out
 
 
 def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> float:
@@ -176,10 +169,11 @@ def _swap(model, new_modules: dict) -> None:
 def quantize_language(model, plan: dict, cfg: StageConfig, calib_batches: list, image_token: int,
                       scale_dtype, log=print) -> dict:
     """Replace the language linears with QuantLinear, clip-initialised; returns search stats."""
-    targets = {p: s for p, s in plan.items() if s is not None and p.startswith("language_model.")
-               and p != "language_model.lm_head" and not p.endswith("embed_tokens")}
-    clip_targets = {p: s for p, s in targets.items()
-                    if cfg.clip_init and p.rsplit(".", 1)[-1] not in cfg.clip_skip}
+    targets = {p: s for p, s in plan.items() if s is not None and (
+        (p.startswith("language_model.") and p != "language_model.lm_head"
+         and not p.endswith("embed_tokens")) or p.startswith("mlp1."))}
+    clip_targets = {p: s for p, s in targets.items() if cfg.clip_init and p.startswith("language_model.")
+                    and p.rsplit(".", 1)[-1] not in cfg.clip_skip}
     grams = calibration_grams(model, clip_targets, calib_batches, image_token) if clip_targets else {}
     modules = dict(model.named_modules())
     new, stats = {}, {}
@@ -227,12 +221,12 @@ def _loss_fn(cfg: StageConfig, gamma: float, image_token: int):
     return loss_fn
 
 
-def _batcher(samples, cfg: StageConfig, pad_id: int, teacher, image_token: int):
+def _batcher(samples, cfg: StageConfig, pad_id: int, teacher, image_token: int, topk=None):
     from .train_loop import batch_order
 
     def get_batch(step):
         idx = batch_order(len(samples), step, cfg.train.batch, cfg.train.seed)
-        b = collate([samples[i] for i in idx], pad_id)
+        b = collate([samples[i] for i in idx], pad_id, [topk[i] for i in idx] if topk else None)
         if cfg.distill_weight and "teacher" not in b:
             b["teacher"] = mx.stop_gradient(
                 vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token))
@@ -255,7 +249,7 @@ def _gamma(cfg, teacher, get_batch, image_token, run_dir: Path, name: str, log) 
     return gamma
 
 
-def run_stage2(model, teacher, samples: list[dict], cfg: StageConfig, run_dir: Path, pad_id: int,
+def run_stage2(model, teacher, samples: list, cfg: StageConfig, run_dir: Path, pad_id: int,
                image_token: int, resume: bool = False, log=print) -> dict:
     """Train mlp1 (float) between the quantized ViT and the frozen float language model."""
     if not samples:
@@ -271,7 +265,7 @@ def run_stage2(model, teacher, samples: list[dict], cfg: StageConfig, run_dir: P
                  resume, log, fp)
 
 
-def run_stage3(model, teacher, plan: dict, samples: list[dict], calib_batches: list,
+def run_stage3(model, teacher, plan: dict, samples: list, calib_batches: list,
                cfg: StageConfig, run_dir: Path, pad_id: int, image_token: int, scale_dtype,
                resume: bool = False, log=print) -> dict:
     """Clip-init + QAT of the language model; the model's language linears end up QuantLinear."""
@@ -279,8 +273,9 @@ def run_stage3(model, teacher, plan: dict, samples: list[dict], calib_batches: l
         raise SpeedQError("stage 3 needs training samples (--data FILE)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    topk = None
     if cfg.teacher == "cached" and cfg.distill_weight:
-        teacher_topk_cache(teacher, samples, cfg.topk, run_dir / "teacher_topk", image_token, log)
+        topk = teacher_topk_cache(teacher, samples, cfg.topk, run_dir / "teacher_topk", image_token)
     stats = quantize_language(model, plan, cfg, calib_batches, image_token, scale_dtype, log)
     (run_dir / "clip_init.json").write_text(json.dumps(stats, indent=1))
     model.freeze()
@@ -293,32 +288,10 @@ def run_stage3(model, teacher, plan: dict, samples: list[dict], calib_batches: l
                 layer.unfreeze()
     if cfg.grad_checkpoint:
         grad_checkpoint(model.language_model.model.layers[0])
-    get_batch = _batcher(samples, cfg, pad_id, teacher, image_token)
+    get_batch = _batcher(samples, cfg, pad_id, teacher, image_token, topk)
     gamma = _gamma(cfg, teacher, get_batch, image_token, run_dir, "stage3", log)
     fp = fingerprint(asdict(cfg), samples_fingerprint(samples), sorted(plan.items()))
     result = train(model, _loss_fn(cfg, gamma, image_token), get_batch, cfg.train, run_dir,
                    "stage3", resume, log, fp)
     result["gamma"] = gamma
     return result
-
-
-def text_sample(tokenizer, text_ids: list[int]) -> dict:
-    """A text-only sample whose every next-token is a target (clip calibration, eval)."""
-    return {"input_ids": list(text_ids), "loss_mask": [1] * len(text_ids), "pixel_values": None}
-
-
-def chat_sample(tokenizer, prompt: str, answer: str, pixel_values=None, num_image_token: int = 0,
-                template: str = "Hermes-2") -> dict:
-    """One-turn ChatML sample with the loss on the answer and its <|im_end|> (for tests and
-    small jobs; the data layer builds multi-turn samples the same way)."""
-    from .chat_template import render
-
-    n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-    if n_tiles:
-        prompt = prompt.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (num_image_token * n_tiles)
-                                + "</img>", 1)
-    head = render(template, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    head_ids = tokenizer.encode(head, add_special_tokens=False)
-    ans_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
-    return {"input_ids": head_ids + ans_ids, "loss_mask": [0] * len(head_ids) + [1] * len(ans_ids),
-            "pixel_values": pixel_values}

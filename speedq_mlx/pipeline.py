@@ -12,12 +12,12 @@ from .errors import SpeedQError
 from .export import check_output, write_artifact
 from .images import find_images
 from .plan import apply_plan, build_plan, quantized_paths
-from .vision_stage import Stage1Config, calibration_pixels, run_stage1
+from .vision_stage import Stage1Config, calibration_pixels, load_stage1, run_stage1
 from .recipe import component_settings, load_recipe, overrides
 from .registry import default_recipe
 
-METHODS = ("rtn", "speedq")
-STAGES = (1,)  # SPEED-Q stages implemented so far
+METHODS = ("speedq", "rtn")
+STAGES = (1, 2, 3)
 
 
 @dataclass
@@ -26,13 +26,21 @@ class QuantizeArgs:
     output: Path
     bits: int | None = None
     group_size: int | None = None
-    method: str = "rtn"
+    method: str = "speedq"
     recipe: Path | None = None
     dtype: str = "float16"
     compute_dtype: str = "float32"
     overwrite: bool = False
-    stages: str = "1"
+    stages: str = "1,2,3"
     images: Path | None = None
+    data: str | None = None
+    text: Path | None = None
+    image_root: Path | None = None
+    max_samples: int | None = None
+    max_length: int | None = 2048
+    max_tiles: int | None = None
+    val_fraction: float = 0.05
+    seed: int = 0
     run_dir: Path | None = None
     resume: bool = False
 
@@ -63,6 +71,10 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     check_output(args.output, args.overwrite)
     stages = parse_stages(args.stages) if args.method == "speedq" else ()
     image_paths = None
+    if args.data and not str(args.data).startswith("hf:") and not Path(args.data).is_file():
+        raise SpeedQError(f"data file not found: {args.data}")
+    if args.text and not Path(args.text).exists():
+        raise SpeedQError(f"text file not found: {args.text}")
     if 1 in stages:
         if args.images is None:
             raise SpeedQError("stage 1 needs calibration images: pass --images DIR")
@@ -88,6 +100,11 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
         pixels = calibration_pixels(config, image_paths, stage1_cfg, compute_dtype)
         run_stage1(model, plan, pixels, stage1_cfg, run_dir, resume=args.resume,
                    scale_dtype=out_dtype, log=log)
+    elif stages and load_stage1(model, plan, run_dir, out_dtype):
+        log(f"stage 1: using the quantized vision tower in {run_dir / 'stage1'}")
+    if {2, 3} & set(stages):
+        run_stages_2_3(args, stages, model, plan, recipe, source, config, tokenizer, image_token,
+                       compute_dtype, out_dtype, run_dir, log)
     done = set(quantized_paths(model))
     apply_plan(model, {p: s for p, s in plan.items() if p not in done}, scale_dtype=out_dtype)
     log(f"writing {args.output}")
@@ -98,3 +115,32 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
                               "stages": ",".join(map(str, stages)) or "-"})
     log(f"done in {time.time() - t0:.1f}s")
     return Path(args.output)
+
+
+def run_stages_2_3(args: QuantizeArgs, stages, model, plan, recipe, source, config, tokenizer,
+                   image_token, compute_dtype, out_dtype, run_dir: Path, log) -> None:
+    """Projector re-alignment (2) and language-model QAT with distillation (3)."""
+    from . import data
+    from .language_stage import StageConfig, run_stage2, run_stage3
+    from .stage_data import calibration_batches, training_records
+
+    cfg2 = StageConfig.from_recipe(recipe, "stage2", distill_weight=0.0)
+    cfg3 = StageConfig.from_recipe(recipe, "stage3")
+    teacher = model_io.load_model(source, compute_dtype, image_token)  # full precision, ViT too
+    records = training_records(args.data, args.images, args.image_root, args.max_samples, teacher,
+                               source, config, tokenizer, run_dir, args.seed, log)
+    train_records, val_records = data.split(records, args.val_fraction, args.seed)
+    enc = data.encoder(config, tokenizer, args.max_tiles)
+    samples = [s for s in data.iter_samples(train_records, enc, args.max_length) if s is not None]
+    if not samples:
+        raise SpeedQError("no usable training samples (all skipped; see the messages above)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log(f"data: {len(samples)} training samples, {len(val_records)} held out")
+    if 2 in stages:
+        run_stage2(model, teacher, samples, cfg2, run_dir, pad, image_token, args.resume, log)
+    if 3 in stages:
+        calib = calibration_batches(args.text, records, samples, tokenizer, config, pad,
+                                    cfg3.clip_tokens, cfg3.clip_windows, seed=args.seed)
+        run_stage3(model, teacher, plan, samples, calib, cfg3, run_dir, pad, image_token,
+                   out_dtype, args.resume, log)
+    del teacher

@@ -295,3 +295,21 @@ def _load_blocks(layers, prefix, path: Path, done: int, scale_dtype, per_block) 
                                 scales=saved[key + ".scales"], biases=saved[key + ".biases"])
             layer.freeze()
             _set(layers[i], dotted, layer)
+
+
+def load_stage1(model, plan: dict, run_dir: Path, scale_dtype) -> bool:
+    """Put a finished stage 1 from an earlier run (--stages 1) into the model, if there is one."""
+    state_file = Path(run_dir) / "stage1" / "state.json"
+    if not state_file.is_file():
+        return False
+    state = json.loads(state_file.read_text())
+    layers = model.vision_model.encoder.layers
+    if len(state["blocks"]) != len(layers):
+        raise SpeedQError(f"{state_file.parent} holds an unfinished stage 1; run --stages 1 --resume first")
+    cfg = Stage1Config(**state["config"])
+    prefix = "vision_model.encoder.layers"
+    per_block = [{LINEARS[k]: plan[f"{prefix}.{i}.{LINEARS[k]}"] for k in cfg.layers
+                  if plan.get(f"{prefix}.{i}.{LINEARS[k]}") is not None} for i in range(len(layers))]
+    _load_blocks(layers, prefix, state_file.parent / "blocks.safetensors", len(layers), scale_dtype,
+                 per_block)
+    return True

@@ -13,7 +13,7 @@ def artifact(tiny_ckpt, tmp_path_factory):
     from speedq_mlx.pipeline import QuantizeArgs, quantize
 
     out = tmp_path_factory.mktemp("chat") / "art"
-    return quantize(QuantizeArgs(model=str(tiny_ckpt), output=out, bits=4), log=lambda *a: None)
+    return quantize(QuantizeArgs(method="rtn", model=str(tiny_ckpt), output=out, bits=4), log=lambda *a: None)
 
 
 def test_artifact_template_renders_hermes2_by_hand(artifact):

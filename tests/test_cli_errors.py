@@ -49,21 +49,21 @@ def odd_ckpt(tmp_path_factory):
 ])
 def test_bad_arguments(tiny_ckpt, tmp_path, capsys, args, match):
     args = [a.replace("{ckpt}", str(tiny_ckpt)) for a in args]
-    code, out, err = run_cli(["quantize", *args, "-o", tmp_path / "out"], capsys)
+    code, out, err = run_cli(["quantize", "--method", "rtn", *args, "-o", tmp_path / "out"], capsys)
     _assert_refused(code, out, err, tmp_path, match)
 
 
 def test_corrupt_safetensors(corrupt_ckpt, tmp_path, capsys):
-    code, out, err = run_cli(["quantize", "-m", corrupt_ckpt, "-b", "2", "-o", tmp_path / "out"], capsys)
+    code, out, err = run_cli(["quantize", "--method", "rtn", "-m", corrupt_ckpt, "-b", "2", "-o", tmp_path / "out"], capsys)
     _assert_refused(code, out, err, tmp_path, "cannot load weights from")
 
 
 def test_indivisible_dimension_is_refused_before_writing(odd_ckpt, tmp_path, capsys):
-    code, out, err = run_cli(["quantize", "-m", odd_ckpt, "-b", "2", "-g", "64", "-o", tmp_path / "out"], capsys)
+    code, out, err = run_cli(["quantize", "--method", "rtn", "-m", odd_ckpt, "-b", "2", "-g", "64", "-o", tmp_path / "out"], capsys)
     _assert_refused(code, out, err, tmp_path, "input dimension 160 for language_model.model.layers.0.mlp.down_proj")
     assert "refusing to run" in err
     # group 32 divides it: the same model then quantizes
-    code, _, err = run_cli(["quantize", "-m", odd_ckpt, "-b", "2", "-g", "32", "-o", tmp_path / "ok"], capsys)
+    code, _, err = run_cli(["quantize", "--method", "rtn", "-m", odd_ckpt, "-b", "2", "-g", "32", "-o", tmp_path / "ok"], capsys)
     assert code == 0, err
 
 
@@ -71,10 +71,10 @@ def test_existing_output_needs_overwrite(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(["quantize", "-m", tiny_ckpt, "-b", "2", "-o", out], capsys)
+    code, _, err = run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "-b", "2", "-o", out], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(["quantize", "-m", tiny_ckpt, "-b", "2", "-o", out, "--overwrite"], capsys)
+    code, _, err = run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "-b", "2", "-o", out, "--overwrite"], capsys)
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
@@ -87,16 +87,16 @@ def test_not_internvl_and_already_quantized(tiny_ckpt, tmp_path, capsys):
     cfg = json.loads((other / "config.json").read_text())
     cfg["llm_config"]["model_type"] = "internlm2"
     (other / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run_cli(["quantize", "-m", other, "-b", "2", "-o", tmp_path / "out"], capsys)
+    code, out, err = run_cli(["quantize", "--method", "rtn", "-m", other, "-b", "2", "-o", tmp_path / "out"], capsys)
     _assert_refused(code, out, err, tmp_path, "language model type 'internlm2' is not supported")
-    assert run_cli(["quantize", "-m", tiny_ckpt, "-b", "2", "-o", tmp_path / "q"], capsys)[0] == 0
-    code, out, err = run_cli(["quantize", "-m", tmp_path / "q", "-b", "2", "-o", tmp_path / "out"], capsys)
+    assert run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "-b", "2", "-o", tmp_path / "q"], capsys)[0] == 0
+    code, out, err = run_cli(["quantize", "--method", "rtn", "-m", tmp_path / "q", "-b", "2", "-o", tmp_path / "out"], capsys)
     _assert_refused(code, out, err, tmp_path, "already quantized")
 
 
 def test_console_script_exit_code(tmp_path):
     """The installed entry point (through OpenBLAS re-exec) reports errors the same way."""
-    env_cmd = [sys.executable, "-m", "speedq_mlx", "quantize", "-m", "nope", "-b", "2", "-o", str(tmp_path / "out")]
+    env_cmd = [sys.executable, "-m", "speedq_mlx", "quantize", "--method", "rtn", "-m", "nope", "-b", "2", "-o", str(tmp_path / "out")]
     proc = subprocess.run(env_cmd, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

@@ -67,7 +67,7 @@ def test_exported_logits_match_in_memory_model(tiny_ckpt, image_path, tmp_path, 
 def test_float16_artifact_generates(tiny_ckpt, image_path, tmp_path, capsys):
     from mlx_vlm import generate, load
 
-    code, out, err = run_cli(["quantize", "--model", tiny_ckpt, "--bits", "2", "-o", tmp_path / "a"], capsys)
+    code, out, err = run_cli(["quantize", "--method", "rtn", "--model", tiny_ckpt, "--bits", "2", "-o", tmp_path / "a"], capsys)
     assert code == 0, err
     model, processor = load(str(tmp_path / "a"))
     assert model.language_model.model.embed_tokens.scales.dtype == mx.float16
@@ -77,7 +77,7 @@ def test_float16_artifact_generates(tiny_ckpt, image_path, tmp_path, capsys):
 
 
 def test_artifact_files_and_model_card(tiny_ckpt, tmp_path, capsys):
-    code, _, err = run_cli(["quantize", "-m", tiny_ckpt, "-b", "4", "-o", tmp_path / "a"], capsys)
+    code, _, err = run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "-b", "4", "-o", tmp_path / "a"], capsys)
     assert code == 0, err
     names = {p.name for p in (tmp_path / "a").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -89,7 +89,7 @@ def test_artifact_files_and_model_card(tiny_ckpt, tmp_path, capsys):
 
 
 def test_inspect_reports_bits_per_weight(tiny_ckpt, tmp_path, capsys):
-    assert run_cli(["quantize", "-m", tiny_ckpt, "-b", "2", "-o", tmp_path / "a"], capsys)[0] == 0
+    assert run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "-b", "2", "-o", tmp_path / "a"], capsys)[0] == 0
     code, out, _ = run_cli(["inspect", tmp_path / "a", "--json"], capsys)
     assert code == 0
     rep = {r["component"]: r for r in json.loads(out)["components"]}
@@ -117,7 +117,7 @@ def test_recipe_overrides_keep_modules_float(tiny_ckpt, tmp_path, capsys):
     recipe.write_text('[quant]\nbits = 4\ngroup_size = 64\n[quant.projector]\nbits = "none"\n'
                       '[quant.overrides]\n"vision_model.encoder.layers.0.*" = "none"\n'
                       '"language_model.model.layers.1.mlp.down_proj" = { bits = 8, group_size = 128 }\n')
-    code, _, err = run_cli(["quantize", "-m", tiny_ckpt, "--recipe", recipe, "-o", tmp_path / "a"], capsys)
+    code, _, err = run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "--recipe", recipe, "-o", tmp_path / "a"], capsys)
     assert code == 0, err
     q = json.loads((tmp_path / "a" / "config.json").read_text())["quantization"]
     assert q["language_model.model.layers.1.mlp.down_proj"] == {"group_size": 128, "bits": 8, "mode": "affine"}

@@ -38,7 +38,7 @@ def test_repo_id_and_registered_name_load_from_cache_offline(hub_cache, tmp_path
     for i, model in enumerate(["test-org/tiny-internvl", "tiny-test"]):
         out = tmp_path / f"out{i}"
         proc = subprocess.run(
-            [sys.executable, "-c", code, "quantize", "-m", model, "-b", "2", "-o", str(out)],
+            [sys.executable, "-c", code, "quantize", "--method", "rtn", "-m", model, "-b", "2", "-o", str(out)],
             capture_output=True, text=True,
             env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "SPEEDQ_NO_OPENBLAS": "1",
                  "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(tmp_path / "hf-home")})
@@ -48,7 +48,7 @@ def test_repo_id_and_registered_name_load_from_cache_offline(hub_cache, tmp_path
 
 
 def test_offline_and_not_cached_is_a_clear_error(tmp_path):
-    proc = _run("from speedq_mlx.cli import main; main(['quantize', '-m', 'internvl2-1b', '-b', '2', '-o', 'x'])",
+    proc = _run("from speedq_mlx.cli import main; main(['quantize', '--method', 'rtn', '-m', 'internvl2-1b', '-b', '2', '-o', 'x'])",
                 {"HF_HUB_CACHE": str(tmp_path / "empty")}, tmp_path)
     assert proc.returncode == 2
     line = proc.stderr.strip()
