@@ -46,8 +46,20 @@ class _FakeQuant(nn.Module):
         return mx.stop_gradient(s), mx.stop_gradient(b)
 
     def dequantized_weight(self) -> mx.array:
-        s, b = self.qparams()
-        return Q.fake_quantize(self.weight, s, b, self.bits, self.group_size)
+        if self.trainable_parameters():
+            s, b = self.qparams()
+            return Q.fake_quantize(self.weight, s, b, self.bits, self.group_size)
+        # Frozen (embeddings, lm_head, a finished stage): quantize once, not every step.
+        # The cache holds the arrays it was made from; any replaced array invalidates it.
+        key = (self.weight, self.get("scales"), self.get("biases"))
+        cached = getattr(self, "_dq_cache", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            s, b = self.qparams()
+            w = mx.stop_gradient(Q.fake_quantize(self.weight, s, b, self.bits, self.group_size))
+            mx.eval(w)
+            object.__setattr__(self, "_dq_cache", (key, w))
+            cached = self._dq_cache
+        return cached[1]
 
     def packed(self) -> dict:
         """{'weight': uint32 codes, 'scales', 'biases'} in the export dtype."""
