@@ -102,11 +102,13 @@ def main():
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--configs", default="rtn,clip,qat_ce,qat_kd,speedq")
+    ap.add_argument("--configs", default="rtn,clip,qat_ce,qat_kd,speedq",
+                    help="comma list of rtn, clip, qat_ce, qat_kd, speedq, speedq_lq (learned scales/biases)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/speedq-ablation"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    args.json = args.json or Path(__file__).parent / "results" / f"stage3_ablation_w{args.bits}.json"
+    tag = "" if args.configs == ap.get_default("configs") else "_" + args.configs.replace(",", "-")
+    args.json = args.json or Path(__file__).parent / "results" / f"stage3_ablation_w{args.bits}{tag}.json"
 
     from speedq_mlx import model_io
     from speedq_mlx import data
@@ -146,6 +148,7 @@ def main():
         "qat_ce": dict(distill_weight=0.0, ce_weight=1.0),
         "qat_kd": dict(distill_weight=1.0, ce_weight=0.0),
         "speedq": dict(distill_weight=1.0, ce_weight=1.0),
+        "speedq_lq": dict(distill_weight=1.0, ce_weight=1.0, learn_qparams=True),
     }
     results = {}
     for name in args.configs.split(","):

@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from . import data
 from . import distill as D
+from . import distributed as dist
 from .clip_init import clip_weight, gram_blocks, search_clip
 from .errors import SpeedQError
 from .forward import logits as vlm_logits
@@ -98,7 +99,12 @@ def samples_fingerprint(samples: list) -> list:
 
 def teacher_topk_cache(teacher, samples: list, k: int, cache_dir: Path, image_token: int) -> list:
     """First pass: the teacher's top-k (indices, log-probs) per sample, saved to disk, so
-    the teacher need not stay in memory; a re-run (resume) reads the files instead."""
+    the teacher need not stay in memory; a re-run (resume) reads the files instead.
+
+    Under a launcher the missing samples are split over the ranks; every rank ends with
+    all of them in memory and rank 0 alone writes (and reads) the files."""
+    if dist.size() > 1:
+        return _teacher_topk_distributed(teacher, samples, k, cache_dir, image_token)
     from tqdm import tqdm
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +122,44 @@ def teacher_topk_cache(teacher, samples: list, k: int, cache_dir: Path, image_to
     return out
 
 
+def _teacher_topk_distributed(teacher, samples: list, k: int, cache_dir: Path,
+                              image_token: int) -> list:
+    from tqdm import tqdm
+
+    main = dist.is_main()
+    if main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    todo = dist.broadcast_json([i for i in range(len(samples))
+                                if not (cache_dir / f"{i}.safetensors").is_file()] if main else None)
+    mine = set(todo[dist.rank()::dist.size()])
+    local = {}
+    for i in tqdm(sorted(mine), desc="teacher top-k", unit="sample", disable=not (todo and main)):
+        s = samples[i]
+        lg = vlm_logits(teacher, mx.array([s.input_ids]), s.pixel_values, image_token)
+        idx, lp = D.teacher_topk(lg[0], k)
+        local[i] = (idx, lp.astype(mx.float32))
+        mx.eval(local[i])
+    out = []
+    todo_set = set(todo)
+    for pos, i in enumerate(todo):  # share each new entry from the rank that computed it
+        n = len(samples[i].input_ids)
+        mine_i = local.get(i, (mx.zeros((n, k), dtype=mx.int32), mx.zeros((n, k), dtype=mx.float32)))
+        idx, lp = dist.broadcast_from(pos % dist.size(), list(mine_i))
+        local[i] = (idx, lp)
+        if main:
+            mx.save_safetensors(str(cache_dir / f"{i}.safetensors"), {"idx": idx, "logp": lp})
+    for i in range(len(samples)):
+        if i in todo_set:
+            out.append(local[i])
+        else:  # cached by an earlier run: rank 0 reads, the others receive
+            t = dist.broadcast_arrays(mx.load(str(cache_dir / f"{i}.safetensors")) if main else None)
+            out.append((t["idx"], t["logp"]))
+    return out
+
+
 def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> float:
-    """CAKLD's gamma: the teacher's mean top-1 probability on answer tokens."""
+    """CAKLD's gamma: the teacher's mean top-1 probability on answer tokens (under a
+    launcher, of every rank's shard of the first n_batches batches)."""
     total = count = 0.0
     for step in range(n_batches):
         b = get_batch(step)
@@ -126,6 +168,7 @@ def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> floa
             t = vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token)
         s, n = D.teacher_confidence(t, b["input_ids"], b["loss_mask"])
         total, count = total + s, count + n
+    total, count = dist.sum_floats(total, count) if dist.size() > 1 else (total, count)
     return total / max(count, 1.0)
 
 
@@ -148,16 +191,29 @@ class _GramRecorder(nn.Module):
 
 
 def calibration_grams(model, targets: dict, batches: list, image_token: int) -> dict:
-    """path -> gram blocks of each target linear's inputs over the calibration batches."""
+    """path -> gram blocks of each target linear's inputs over the calibration batches.
+
+    Under a launcher each rank runs its contiguous share of the batches and the Gram
+    blocks (sums of X^T X) are all-summed."""
     modules = dict(model.named_modules())
     recorders = {p: _GramRecorder(modules[p], g) for p, (_, g) in targets.items()}
+    lo, hi = dist.shard_range(len(batches))
     _swap(model, recorders)
     try:
-        for b in batches:
+        for b in batches[lo:hi]:
             mx.eval(vlm_logits(model, b["input_ids"], b["pixel_values"], image_token))
     finally:
         _swap(model, {p: r.inner for p, r in recorders.items()})
-    return {p: r.gram for p, r in recorders.items()}
+    if dist.size() == 1:
+        return {p: r.gram for p, r in recorders.items()}
+    out = {}
+    for p, r in sorted(recorders.items()):
+        if r.gram is None:  # no batch on this rank
+            w_in, g = modules[p].weight.shape[1], targets[p][1]
+            r.gram = mx.zeros((w_in // g, g, g), dtype=mx.float32)
+        out[p] = dist.all_sum(r.gram)
+        mx.eval(out[p])
+    return out
 
 
 def _swap(model, new_modules: dict) -> None:
@@ -177,20 +233,22 @@ def quantize_language(model, plan: dict, cfg: StageConfig, calib_batches: list, 
     grams = calibration_grams(model, clip_targets, calib_batches, image_token) if clip_targets else {}
     modules = dict(model.named_modules())
     new, stats = {}, {}
+    searched = _split_clip_search(modules, grams, clip_targets, scale_dtype) if dist.size() > 1 else {}
     from tqdm import tqdm
 
     for p, (bits, group) in tqdm(sorted(targets.items()), desc="clip init", unit="layer",
-                                 disable=not clip_targets):
+                                 disable=not clip_targets or dist.size() > 1):
         lin = modules[p]
         w = lin.weight
         if p in grams:
-            s, b, st = search_clip(w, grams[p], bits, group, scale_dtype)
+            s, b, st = searched[p] if p in searched else search_clip(w, grams[p], bits, group, scale_dtype)
             stats[p] = st
             w = clip_weight(w, s, b, bits, group)
             kw = {"scales": s, "biases": b} if cfg.learn_qparams else {}
         else:
             kw = {"learn_qparams": cfg.learn_qparams}
-        new[p] = QuantLinear(w, lin.get("bias"), bits=bits, group_size=group,
+        # latent weights stay fp32 whatever the compute dtype (QuantLinear casts at use)
+        new[p] = QuantLinear(w.astype(mx.float32), lin.get("bias"), bits=bits, group_size=group,
                              scale_dtype=scale_dtype, **kw)
     _swap(model, new)
     if stats:
@@ -198,6 +256,34 @@ def quantize_language(model, plan: dict, cfg: StageConfig, calib_batches: list, 
         clip = sum(v["clip_error"] for v in stats.values())
         log(f"clip init: {len(stats)} layers, calibration output error {rtn:.4g} -> {clip:.4g}")
     return stats
+
+
+def _split_clip_search(modules: dict, grams: dict, clip_targets: dict, scale_dtype) -> dict:
+    """Under a launcher: rank r searches every W-th layer; the results are shared."""
+    from tqdm import tqdm
+
+    paths = sorted(grams)
+    W, r = dist.size(), dist.rank()
+    local = {}
+    for p in tqdm(paths[r::W], desc="clip init", unit="layer", disable=not dist.is_main()):
+        bits, group = clip_targets[p]
+        s, b, st = search_clip(modules[p].weight, grams[p], bits, group, scale_dtype)
+        local[p] = (s.astype(mx.float32), b.astype(mx.float32),  # float32 already: scale_dtype
+                    mx.array([st["rtn_error"], st["clip_error"]], dtype=mx.float32))  # only rounds
+        mx.eval(local[p])
+    out = {}
+    for i, p in enumerate(paths):
+        owner = i % W
+        if p in local:
+            mine = list(local[p])
+        else:  # the owner's shapes and dtypes
+            out_dims, in_dims = modules[p].weight.shape
+            shape = (out_dims, in_dims // clip_targets[p][1])
+            mine = [mx.zeros(shape, dtype=mx.float32), mx.zeros(shape, dtype=mx.float32),
+                    mx.zeros((2,), dtype=mx.float32)]
+        s, b, st = dist.broadcast_from(owner, mine)
+        out[p] = (s, b, {"rtn_error": float(st[0]), "clip_error": float(st[1])})
+    return out
 
 
 # ---------------------------------------------------------------- stages
@@ -225,7 +311,7 @@ def _batcher(samples, cfg: StageConfig, pad_id: int, teacher, image_token: int, 
     from .train_loop import batch_order
 
     def get_batch(step):
-        idx = batch_order(len(samples), step, cfg.train.batch, cfg.train.seed)
+        idx = dist.shard(batch_order(len(samples), step, cfg.train.batch, cfg.train.seed))
         b = collate([samples[i] for i in idx], pad_id, [topk[i] for i in idx] if topk else None)
         if cfg.distill_weight and "teacher" not in b:
             b["teacher"] = mx.stop_gradient(
@@ -240,11 +326,14 @@ def _gamma(cfg, teacher, get_batch, image_token, run_dir: Path, name: str, log) 
     if not (cfg.distill_weight and cfg.distill == "cakld"):
         return 0.5
     path = run_dir / f"{name}_gamma.json"
-    if path.is_file():
-        return json.loads(path.read_text())["gamma"]
+    saved = dist.broadcast_json(json.loads(path.read_text()) if dist.is_main() and path.is_file()
+                                else None)
+    if saved is not None:
+        return saved["gamma"]
     gamma = estimate_gamma(teacher, get_batch, cfg.gamma_batches, image_token)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"gamma": gamma, "batches": cfg.gamma_batches}))
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"gamma": gamma, "batches": cfg.gamma_batches}))
     log(f"{name}: CAKLD gamma (teacher mean top-1 probability) = {gamma:.4f}")
     return gamma
 
@@ -272,12 +361,20 @@ def run_stage3(model, teacher, plan: dict, samples: list, calib_batches: list,
     if not samples:
         raise SpeedQError("stage 3 needs training samples (--data FILE)")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
     topk = None
     if cfg.teacher == "cached" and cfg.distill_weight:
         topk = teacher_topk_cache(teacher, samples, cfg.topk, run_dir / "teacher_topk", image_token)
+    # embeddings / lm_head: at their recipe bits, frozen, before QAT (so training sees them)
+    from .plan import apply_plan, quantized_paths
+
+    done = set(quantized_paths(model))
+    apply_plan(model, {p: s for p, s in plan.items() if p not in done and
+                       p.endswith(("embed_tokens", "lm_head"))}, scale_dtype=scale_dtype)
     stats = quantize_language(model, plan, cfg, calib_batches, image_token, scale_dtype, log)
-    (run_dir / "clip_init.json").write_text(json.dumps(stats, indent=1))
+    if dist.is_main():
+        (run_dir / "clip_init.json").write_text(json.dumps(stats, indent=1))
     model.freeze()
     for p, m in model.named_modules():
         if isinstance(m, QuantLinear) and p.startswith("language_model."):

@@ -205,3 +205,36 @@ def test_cli_full_speedq_with_data_file(tiny_ckpt, image_dir, tmp_path, capsys):
     assert "stages run: 1,2,3" in (tmp_path / "out" / "README.md").read_text()
     code, _, err = run_cli([*args[:-2], "-o", tmp_path / "o2", "--data", tmp_path / "missing.jsonl"], capsys)
     assert code == 2 and "data file not found" in err
+
+
+def test_grad_checkpoint_gives_the_same_gradients(tiny_ckpt, setup):
+    import mlx.nn as nn
+
+    from speedq_mlx import distill as D
+    from speedq_mlx.train_loop import grad_checkpoint
+
+    tok, _, samples = setup
+    b = collate(samples[:2], tok.pad_token_id)
+
+    def grads():
+        m = model_io.load_model(tiny_ckpt, mx.float32, model_io.image_token_id(tok))
+        m.freeze()
+        m.language_model.unfreeze()
+        loss = lambda mm: D.cross_entropy(vlm_logits(mm, b["input_ids"], b["pixel_values"]),
+                                          b["input_ids"], b["loss_mask"])
+        return m, nn.value_and_grad(m, loss)(m)
+
+    from mlx.utils import tree_flatten
+
+    m1, (l1, g1) = grads()
+    layer_cls = type(m1.language_model.model.layers[0])
+    original_call = layer_cls.__call__
+    try:
+        grad_checkpoint(m1.language_model.model.layers[0])
+        m2, (l2, g2) = grads()
+    finally:
+        layer_cls.__call__ = original_call
+        layer_cls._speedq_checkpointed = False
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for (k, a), (_, c) in zip(tree_flatten(g1), tree_flatten(g2)):
+        np.testing.assert_allclose(np.array(a), np.array(c), rtol=1e-4, atol=1e-6, err_msg=k)
