@@ -1,7 +1,7 @@
 """Stage 3 step cost on the InternVL2-1B language model shape (random weights, fp32).
 
 Measures, at batch --batch x --tokens text tokens (Qwen2-0.5B decoder, vocab 151655):
-  plain   a full-precision training step of the same model (all language weights, CE)
+  plain   a full-precision training step of the same weights (the decoder linears, CE)
   cached  a SPEED-Q QAT step with cached teacher top-k targets (CAKLD + CE)
   live    a SPEED-Q QAT step with the full-precision teacher run live on the batch
 with step time, tokens/s and peak MLX memory; prints a table, writes JSON.
@@ -12,6 +12,7 @@ with step time, tokens/s and peak MLX memory; prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -78,11 +79,16 @@ def main():
     # plain full-precision training step
     model = build(config)
     model.freeze()
-    model.language_model.unfreeze()
+    for layer in model.language_model.model.layers:
+        for name in ("self_attn", "mlp"):
+            getattr(layer, name).unfreeze()
     mx.reset_peak_memory()
     plain = time_steps(model, lambda m: D.cross_entropy(vlm_logits(m, ids), ids, mask), args.steps)
     results["plain"] = {"seconds": plain, "peak_gib": mx.get_peak_memory() / 2**30}
+    print("plain", results["plain"], flush=True)
     del model
+    gc.collect()
+    mx.clear_cache()
 
     settings = {"vision": None, "projector": None, "language": (args.bits, 64),
                 "embeddings": (4, 32), "lm_head": (4, 32)}
@@ -106,9 +112,14 @@ def main():
         lg = vlm_logits(m, ids)
         return D.distill_loss(lg, teacher, ids, mask, "cakld", 0.5) + D.cross_entropy(lg, ids, mask, 0.1)
 
+    gc.collect()
+    mx.clear_cache()
     mx.reset_peak_memory()
     cached = time_steps(s, lambda m: qat_loss(m, teacher_top), args.steps)
     results["cached"] = {"seconds": cached, "peak_gib": mx.get_peak_memory() / 2**30}
+    print("cached", results["cached"], flush=True)
+    gc.collect()
+    mx.clear_cache()
 
     # QAT with the live teacher (a second, full-precision copy of the model)
     teacher = build(config)

@@ -1,4 +1,4 @@
-"""speedq-mlx command line: quantize, inspect, chat."""
+"""speedq-mlx command line: quantize, inspect, chat, eval, compare."""
 
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ def quantize(
     compute_dtype: str = typer.Option("float32", "--compute-dtype",
                                       help="dtype to compute in (float32 is fastest on a Linux CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    run_eval: bool = typer.Option(False, "--eval",
+                                  help="Evaluate the artifact against the source model at the end; "
+                                       "the table goes into its README.md (see speedq-mlx eval)."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="--eval: text file for perplexity/KL."),
+    eval_vqa: Optional[Path] = typer.Option(None, "--eval-vqa", help="--eval: VQA JSONL for accuracy."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data",
+                                             help="--eval: conversations file for answer-token KL."),
+    eval_max_samples: Optional[int] = typer.Option(None, "--eval-max-samples",
+                                                   help="--eval: first N VQA items / conversations."),
 ):
     """Quantize a checkpoint into an MLX artifact that mlx-vlm loads."""
     from .pipeline import QuantizeArgs, quantize as run
@@ -58,11 +67,18 @@ def quantize(
         output = Path("out") / f"{Path(model).name}-w{bits if bits else 'recipe'}-{method}"
     if resume:
         overwrite = True  # the artifact of an interrupted run is replaced when it completes
+    eval_opts = None
+    if run_eval or eval_text or eval_vqa or eval_data:
+        from .evaluate import EvalOptions, load_inputs
+
+        eval_opts = EvalOptions(text=eval_text, vqa=eval_vqa, data=eval_data,
+                                max_samples=eval_max_samples, compute_dtype=compute_dtype)
+        load_inputs(eval_opts)  # bad eval inputs fail now, not after the quantization
     run(QuantizeArgs(model=model, output=output, bits=bits, group_size=group_size, method=method,
                      recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite,
                      stages=stages, images=images, data=data, text=text, image_root=image_root,
                      max_samples=max_samples, max_tiles=max_tiles, seed=seed, run_dir=run_dir,
-                     resume=resume))
+                     resume=resume, eval=eval_opts))
 
 
 @app.command()
@@ -93,6 +109,95 @@ def chat(
               write=lambda *a, **k: typer.echo(*a, nl=k.get("end", "\n") == "\n"))
 
 
+# Options shared by eval and compare.
+_TEXT = typer.Option(None, "--text", help="Text file (or folder of .txt / JSONL with 'text'): perplexity, KL, top-1 agreement.")
+_VQA = typer.Option(None, "--vqa", help="VQA JSON/JSONL of {image, question, answer|answers}: accuracy.")
+_DATA = typer.Option(None, "--data", help="Conversations JSON/JSONL (InternVL/LLaVA format): KL on answer tokens.")
+_IMAGE_ROOT = typer.Option(None, "--image-root", help="Folder that --vqa / --data image paths are relative to.")
+_MAX_SAMPLES = typer.Option(None, "--max-samples", help="Use the first N VQA items and conversations.")
+_TEXT_TOKENS = typer.Option(512, "--text-tokens", help="Tokens per text window.")
+_TEXT_WINDOWS = typer.Option(16, "--text-windows", help="Number of text windows.")
+_BATCH = typer.Option(1, "--batch-size", help="Windows / conversations per forward pass.")
+_MAX_TOKENS = typer.Option(32, "--max-tokens", help="New tokens per VQA answer (greedy).")
+_SPEED_TOKENS = typer.Option(32, "--speed-tokens", help="New tokens of the timed generation.")
+_MAX_TILES = typer.Option(None, "--max-tiles", help="Cap on dynamic tiles per image.")
+_COMPUTE = typer.Option("float32", "--compute-dtype",
+                        help="dtype to compute in (float32 is fastest on a Linux CPU; float16 as on a Mac).")
+
+
+def _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
+                  max_tokens, speed_tokens, max_tiles, compute_dtype):
+    from .evaluate import EvalOptions
+
+    return EvalOptions(text=text, vqa=vqa, data=data, image_root=image_root, max_samples=max_samples,
+                       text_tokens=text_tokens, text_windows=text_windows, batch_size=batch_size,
+                       max_tokens=max_tokens, speed_tokens=speed_tokens, max_tiles=max_tiles,
+                       compute_dtype=compute_dtype)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model to evaluate: artifact folder, HF folder or registered name."),
+    reference: str = typer.Option(..., "--reference", "-r", help="Reference (usually the full-precision source)."),
+    text: Optional[Path] = _TEXT, vqa: Optional[Path] = _VQA, data: Optional[Path] = _DATA,
+    image_root: Optional[Path] = _IMAGE_ROOT, max_samples: Optional[int] = _MAX_SAMPLES,
+    text_tokens: int = _TEXT_TOKENS, text_windows: int = _TEXT_WINDOWS, batch_size: int = _BATCH,
+    max_tokens: int = _MAX_TOKENS, speed_tokens: int = _SPEED_TOKENS, max_tiles: Optional[int] = _MAX_TILES,
+    compute_dtype: str = _COMPUTE,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full results (per-item VQA too) here."),
+):
+    """Measure MODEL against REF: size, bits/weight, memory, speed, VQA accuracy, perplexity, KL, agreement."""
+    from .evaluate import evaluate, format_table, write_json
+
+    opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
+                         max_tokens, speed_tokens, max_tiles, compute_dtype)
+    result = evaluate(model, reference, opts, log=lambda m: typer.echo(m, err=True))
+    typer.echo(format_table(result))
+    if json_out:
+        write_json(result, json_out)
+
+
+@app.command()
+def compare(
+    model: str = typer.Option(..., "--model", "-m", help="Source model (also the reference)."),
+    run: Optional[list[str]] = typer.Option(None, "--run",
+                                            help="NAME=FLAGS, repeatable: quantize flags (\"w2=--method rtn --bits 2\") "
+                                                 "or mlx-vlm convert flags (\"awq4=mlx-vlm:--q-bits 4 --quant-method awq\"). "
+                                                 "Default: RTN at 2 and 4 bits."),
+    out: Path = typer.Option(Path("out/compare"), "--out", "-o", help="Folder for artifacts, compare.md/.json/.png."),
+    reuse: bool = typer.Option(False, "--reuse", help="Evaluate existing OUT/NAME folders instead of quantizing again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Quantize again over existing OUT/NAME folders."),
+    text: Optional[Path] = _TEXT, vqa: Optional[Path] = _VQA, data: Optional[Path] = _DATA,
+    image_root: Optional[Path] = _IMAGE_ROOT, max_samples: Optional[int] = _MAX_SAMPLES,
+    text_tokens: int = _TEXT_TOKENS, text_windows: int = _TEXT_WINDOWS, batch_size: int = _BATCH,
+    max_tokens: int = _MAX_TOKENS, speed_tokens: int = _SPEED_TOKENS, max_tiles: Optional[int] = _MAX_TILES,
+    compute_dtype: str = _COMPUTE,
+):
+    """Quantize one model several ways, evaluate each, write a markdown table and a quality-vs-size plot."""
+    from .compare import compare as run_compare, markdown, parse_runs
+
+    opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
+                         max_tokens, speed_tokens, max_tiles, compute_dtype)
+    command = typer.main.get_command(app)
+
+    def quantize_argv(argv, check=False):
+        try:
+            if check:
+                command.commands["quantize"].make_context("quantize", list(argv))
+            else:
+                command.main(["quantize", *argv], standalone_mode=False)
+        except Exception as e:  # usage errors (typer's own click exceptions): one line, naming the run
+            if not hasattr(e, "format_message"):
+                raise
+            raise SpeedQError(f"compare run ({' '.join(argv)}): {e.format_message()}") from None
+
+    summary = run_compare(model, parse_runs(run or []), out, opts, quantize_argv,
+                          check_fn=lambda a: quantize_argv(a, check=True), reuse=reuse,
+                          overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
+    typer.echo(markdown(summary))
+    typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: OpenBLAS on Linux, one-line errors, exit code 2 for bad input."""
     from .blas import reexec_with_openblas
@@ -101,17 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     reexec_with_openblas(argv)
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="speedq-mlx")
     except SpeedQError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors (typer vendors its own click: match by shape)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise

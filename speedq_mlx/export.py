@@ -163,7 +163,9 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 def model_card(report_table: str, source: str = "?", method: str = "rtn",
-               recipe_path: str = "?", stages: str = "-") -> str:
+               recipe_path: str = "?", stages: str = "-", eval_table: str | None = None,
+               eval_notes: str = "") -> str:
+    evaluation = f"\n## Evaluation\n{eval_notes}\n\n{eval_table}\n" if eval_table else ""
     return f"""---
 library_name: mlx
 tags: [mlx, mlx-vlm, internvl, quantized, speedq-mlx]
@@ -180,7 +182,7 @@ Made with speedq-mlx {__version__} from `{source}`.
 ```
 {report_table}
 ```
-
+{evaluation}
 ## Use
 ```bash
 python -m mlx_vlm.generate --model <this folder> --image photo.jpg --prompt "Describe the image." --max-tokens 100

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed as dist
 from . import model_io
 from .errors import SpeedQError
 from .export import check_output, write_artifact
@@ -43,6 +44,7 @@ class QuantizeArgs:
     seed: int = 0
     run_dir: Path | None = None
     resume: bool = False
+    eval: object = None  # evaluate.EvalOptions: evaluate the artifact against the source at the end
 
 
 def parse_stages(text: str) -> tuple[int, ...]:
@@ -64,6 +66,8 @@ def default_run_dir(output: Path) -> Path:
 
 def quantize(args: QuantizeArgs, log=print) -> Path:
     """Run the whole job; every input is checked before the first byte is written."""
+    if not dist.is_main():  # under mlx.launch: every rank trains, rank 0 alone reports and writes
+        log = lambda *a, **k: None  # noqa: E731
     if args.method not in METHODS:
         raise SpeedQError(f"unknown method {args.method!r} (available: {', '.join(METHODS)})")
     out_dtype = model_io.parse_dtype(args.dtype)
@@ -80,12 +84,13 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
             raise SpeedQError("stage 1 needs calibration images: pass --images DIR")
         image_paths = find_images(args.images)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.output)
-    if args.overwrite and not args.resume and run_dir.exists():
+    if dist.is_main() and args.overwrite and not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)
     source, name = model_io.resolve_source(args.model)
     recipe_path = args.recipe or default_recipe(name, args.bits)
     recipe = load_recipe(recipe_path)
     settings = component_settings(recipe, args.bits, args.group_size)
+    dist.check_batches(recipe, stages)  # under mlx.launch: batches must split over the ranks
     config = model_io.read_config(source)
     tokenizer = model_io.load_tokenizer(source)
     image_token = model_io.image_token_id(tokenizer)
@@ -102,18 +107,28 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
                    scale_dtype=out_dtype, log=log)
     elif stages and load_stage1(model, plan, run_dir, out_dtype):
         log(f"stage 1: using the quantized vision tower in {run_dir / 'stage1'}")
+    # stages 2 and 3 train against the quantized vision tower, whichever way it was made
+    done = set(quantized_paths(model))
+    apply_plan(model, {p: s for p, s in plan.items() if p.startswith("vision_model.") and p not in done},
+               scale_dtype=out_dtype)
     if {2, 3} & set(stages):
         run_stages_2_3(args, stages, model, plan, recipe, source, config, tokenizer, image_token,
                        compute_dtype, out_dtype, run_dir, log)
+    if not dist.is_main():
+        return Path(args.output)
     done = set(quantized_paths(model))
     apply_plan(model, {p: s for p, s in plan.items() if p not in done}, scale_dtype=out_dtype)
     log(f"writing {args.output}")
+    card_info = {"source": args.model, "method": args.method, "recipe_path": str(recipe_path),
+                 "stages": ",".join(map(str, stages)) or "-"}
     write_artifact(args.output, model, plan, config, tokenizer, dtype=out_dtype,
-                   overwrite=args.overwrite,
-                   card_info={"source": args.model, "method": args.method,
-                              "recipe_path": str(recipe_path),
-                              "stages": ",".join(map(str, stages)) or "-"})
+                   overwrite=args.overwrite, card_info=card_info)
     log(f"done in {time.time() - t0:.1f}s")
+    if args.eval is not None:
+        from .evaluate import eval_export
+
+        del model  # the artifact and the source are loaded afresh
+        eval_export(args.output, source, args.eval, card_info, run_dir, log)
     return Path(args.output)
 
 

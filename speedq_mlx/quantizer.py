@@ -111,17 +111,44 @@ def fake_quantize(
     Backward: straight-through estimator for w (the gradient passes where the clip
     did not move the rounded code, zero elsewhere); for s and b the exact gradient
     of s * q + b with the codes held fixed (q and 1), as `mx.quantized_matmul` gives.
+    A custom VJP recomputes the codes in the backward pass instead of keeping the
+    forward's temporaries: QAT of a 0.5B model would otherwise hold several copies
+    of every weight matrix until the backward pass.
     """
     g = _grouped(w, group_size)
-    s = scales[..., None]
-    b = biases[..., None]
-    safe = mx.where(s == 0, mx.ones_like(s), s)
-    r = mx.round((g - b) / safe)
-    q = mx.clip(r, 0, n_levels(bits))
-    mask = mx.stop_gradient((r == q).astype(w.dtype))
-    q = mx.stop_gradient(q)
-    out = s * q + b + mask * (g - mx.stop_gradient(g))
+    out = _fake_quant_fn(bits)(g, scales[..., None], biases[..., None])
     return out.reshape(w.shape)
+
+
+_FAKE_QUANT_FNS: dict = {}
+
+
+def _fake_quant_fn(bits: int):
+    """The custom-VJP fake quantizer for one bit width (grouped w [out, G, g], s/b [out, G, 1])."""
+    if bits in _FAKE_QUANT_FNS:
+        return _FAKE_QUANT_FNS[bits]
+    top = n_levels(bits)
+
+    def rounded(g, s, b):
+        safe = mx.where(s == 0, mx.ones_like(s), s)
+        r = mx.round((g - b) / safe)
+        return r, mx.clip(r, 0, top)
+
+    @mx.custom_function
+    def fq(g, s, b):
+        return s * rounded(g, s, b)[1] + b
+
+    @fq.vjp
+    def fq_vjp(primals, cotangent, output):
+        g, s, b = primals
+        r, q = rounded(g, s, b)
+        dg = mx.where(r == q, cotangent, mx.zeros_like(cotangent))
+        ds = (cotangent * q).sum(axis=-1, keepdims=True)
+        db = cotangent.sum(axis=-1, keepdims=True)
+        return dg, ds, db
+
+    _FAKE_QUANT_FNS[bits] = fq
+    return fq
 
 
 def pack(q, bits: int) -> mx.array:

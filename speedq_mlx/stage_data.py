@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import data
+from . import distributed as dist
 from .errors import SpeedQError
 
 
@@ -18,7 +19,7 @@ def training_records(data_spec, images, image_root, max_samples, teacher, source
     if data_spec:
         spec = str(data_spec)
         if spec.startswith("hf:"):
-            return data.load_hf(spec, limit=max_samples, image_root=image_root)
+            return _rank0_first(lambda: data.load_hf(spec, limit=max_samples, image_root=image_root))
         records = data.load_conversations(Path(spec), image_root)
         return records[:max_samples] if max_samples else records
     if images is not None:
@@ -27,13 +28,31 @@ def training_records(data_spec, images, image_root, max_samples, teacher, source
         from .teacher_answers import mlx_generate_fn, mlx_processor, teacher_answers
 
         files = find_images(images)[:max_samples] if max_samples else find_images(images)
-        eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        processor = mlx_processor(source, eos_token_ids=eos)
         teacher.config.image_token_index = image_token_id(tokenizer)
-        gen = mlx_generate_fn(teacher, processor, config.get("template", "Hermes-2"))
-        log(f"self-distillation data: the full-precision model answers questions about {len(files)} images")
-        return teacher_answers(files, None, gen, Path(run_dir) / "teacher_answers.jsonl", seed)
-    return data.default_records(limit=max_samples or data.DEFAULT_LIMIT)
+        records = None
+        if dist.is_main():  # under a launcher rank 0 asks and keeps the cache; the others wait
+            eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+            processor = mlx_processor(source, eos_token_ids=eos)
+            gen = mlx_generate_fn(teacher, processor, config.get("template", "Hermes-2"))
+            log(f"self-distillation data: the full-precision model answers questions about {len(files)} images")
+            records = teacher_answers(files, None, gen, Path(run_dir) / "teacher_answers.jsonl", seed)
+        if dist.size() == 1:
+            return records
+        shared = dist.broadcast_json([{"messages": r.messages, "images": [str(p) for p in r.images],
+                                       "source": r.source} for r in records] if records else None)
+        return [data.Record(r["messages"], [Path(p) for p in r["images"]], r["source"]) for r in shared]
+    return _rank0_first(lambda: data.default_records(limit=max_samples or data.DEFAULT_LIMIT))
+
+
+def _rank0_first(fetch):
+    """Under a launcher rank 0 fills the download cache before the others read it (ranks
+    on one machine share it; each machine fetches its own copy)."""
+    if not dist.is_main():
+        dist.barrier()
+    out = fetch()
+    if dist.is_main():
+        dist.barrier()
+    return out
 
 
 def calibration_batches(text_file, records: list, samples: list, tokenizer, config: dict,

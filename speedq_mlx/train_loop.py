@@ -22,6 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed as dist
 from .errors import SpeedQError
 
 
@@ -101,9 +102,13 @@ def _save_checkpoint(ckpt_dir: Path, model: nn.Module, opt, step: int, extra: di
 
 
 def _load_checkpoint(ckpt_dir: Path, model: nn.Module, opt) -> dict:
-    model.load_weights(list(mx.load(str(ckpt_dir / "trainable.safetensors")).items()), strict=False)
-    opt.state = tree_unflatten(list(mx.load(str(ckpt_dir / "optimizer.safetensors")).items()))
-    return json.loads((ckpt_dir / "state.json").read_text())
+    """Rank 0 reads the checkpoint; under a launcher every other rank receives it."""
+    main = dist.is_main()
+    weights = dist.broadcast_arrays(mx.load(str(ckpt_dir / "trainable.safetensors")) if main else None)
+    model.load_weights(list(weights.items()), strict=False)
+    state = dist.broadcast_arrays(mx.load(str(ckpt_dir / "optimizer.safetensors")) if main else None)
+    opt.state = tree_unflatten(list(state.items()))
+    return dist.broadcast_json(json.loads((ckpt_dir / "state.json").read_text()) if main else None)
 
 
 def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
@@ -135,12 +140,19 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
 
     loss_fn(model, batch) -> (loss, {metric: value}, n_tokens); get_batch(step) -> batch.
     Returns {"steps", "final_loss", "log"}.
+
+    Under `mlx.launch` get_batch(step) returns this rank's shard of the step's batch; the
+    loss (a per-token mean over its n_tokens), metrics and gradients are combined over the
+    ranks as one process computes them on the whole batch, and rank 0 alone writes the
+    checkpoints and the log.
     """
     run_dir = Path(run_dir)
     ckpt_dir, log_path = run_dir / f"{name}_ckpt", run_dir / f"{name}_log.jsonl"
     opt = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     start = 0
-    if ckpt_dir.exists():
+    main = dist.is_main()
+    dist.check_same(fingerprint, f"{name} settings or data")
+    if dist.broadcast_json(ckpt_dir.exists() if main else None):
         if not resume:
             raise SpeedQError(f"{ckpt_dir} holds a {name} checkpoint; pass --resume to continue it, "
                               "or --overwrite to start again")
@@ -149,20 +161,23 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
             raise SpeedQError(f"{ckpt_dir} was made with other {name} settings or data; "
                               "use another --run-dir or --overwrite")
         start = state["step"]
-        _truncate_log(log_path, start)
+        if main:
+            _truncate_log(log_path, start)
         log(f"{name}: resuming at step {start}/{cfg.steps}")
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
     from tqdm import tqdm
 
-    bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps,
+               disable=not main)
     last_good = start
     loss_value = float("nan")
     for step in bar:
         t0 = time.time()
         batch = get_batch(step)
         (loss, metrics, n_tok), grads = _value_metrics_grads(model, loss_fn, batch)
+        (loss, metrics, n_tok), grads = dist.reduce_step(loss, metrics, n_tok, grads)
         if cfg.grad_clip:
             grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip)
         else:
@@ -178,15 +193,18 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
         row = {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
                "lr": float(opt.learning_rate), "grad_norm": gnorm, "tokens": int(n_tok),
                "tokens_per_s": round(n_tok / dt, 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_tok / dt:.0f}")
         if on_step:
             on_step(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(ckpt_dir, model, opt, step + 1, {"fingerprint": fingerprint})
+            if main:
+                _save_checkpoint(ckpt_dir, model, opt, step + 1, {"fingerprint": fingerprint})
             last_good = step + 1
-    plot_losses(log_path, run_dir / f"{name}_loss.png", name)
+    if main:
+        plot_losses(log_path, run_dir / f"{name}_loss.png", name)
     return {"steps": cfg.steps, "final_loss": loss_value, "log": str(log_path)}
 
 

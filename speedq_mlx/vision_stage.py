@@ -9,6 +9,12 @@ inputs. The rounding is hardened to exact integer codes, so the result is an ord
 
 Block inputs/targets are cached in memory and in the run folder after every block, so
 an interrupted run resumes at the next block with the same codes.
+
+Under `mlx.launch` each rank computes its contiguous share of the calibration tiles'
+block inputs, targets and errors (the shares are gathered, so every rank holds all
+tiles' activations and AdaRound draws the same random batches as one process); each
+AdaRound step's batch is split over the ranks and the gradients averaged. Rank 0 alone
+writes the checkpoints and the report.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from . import distributed as dist
 from . import quantizer as Q
 from .errors import SpeedQError
 from .qlayers import AdaRoundLinear, QuantLinear
@@ -104,12 +111,25 @@ def _chunked(fn, x: mx.array, chunk: int) -> mx.array:
     return mx.concatenate(outs, axis=0)
 
 
+def _chunked_all(fn, x: mx.array, chunk: int) -> mx.array:
+    """_chunked over all tiles; under a launcher each rank does its share, then all gather."""
+    if dist.size() == 1:
+        return _chunked(fn, x, chunk)
+    lo, hi = dist.shard_range(x.shape[0])
+    local = _chunked(fn, x[lo:hi], chunk) if hi > lo else fn(x[:1])[:0]
+    return dist.gather_rows(local, x.shape[0])
+
+
 def _mse(block, x, target, chunk) -> float:
-    """Mean squared error per element of block(x) against target."""
+    """Mean squared error per element of block(x) against target (each rank sums its share
+    of the tiles under a launcher)."""
+    lo, hi = dist.shard_range(x.shape[0])
     total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        d = block(x[i : i + chunk]) - target[i : i + chunk]
+    for i in range(lo, hi, chunk):
+        d = block(x[i : min(i + chunk, hi)]) - target[i : min(i + chunk, hi)]
         total += float((d.astype(mx.float32) ** 2).sum())
+    if dist.size() > 1:
+        (total,) = dist.sum_floats(total)
     return total / target.size
 
 
@@ -160,14 +180,22 @@ def _train_block(block_q, ada: dict, x_q, target, cfg: Stage1Config, key, log_ev
 
     step = nn.value_and_grad(block_q, loss_fn)
     keys = mx.random.split(key, cfg.iters)
+    b = min(cfg.batch, n)
+    lo, hi = dist.shard_range(b)  # this rank's share of every step's batch
+    if dist.size() > 1 and b < dist.size():
+        raise SpeedQError(f"stage 1: a batch of {b} tiles cannot be split over {dist.size()} "
+                          "processes; raise [stage1] batch (and the calibration tiles)")
     for it in range(cfg.iters):
-        idx = mx.random.randint(0, n, (min(cfg.batch, n),), key=keys[it])
+        idx = mx.random.randint(0, n, (b,), key=keys[it])
+        if dist.size() > 1:
+            idx = idx[lo:hi]
         if it < warm:
             beta, lam = cfg.beta_start, 0.0
         else:
             t = (it - warm) / max(1, cfg.iters - warm)
             beta, lam = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - t), cfg.reg
         (_, _), grads = step(block_q, x_q[idx], target[idx], beta, lam)
+        grads = dist.average_gradients(grads, hi - lo, b)  # the batch mean over all ranks' tiles
         opt.update(block_q, grads)
         mx.eval(block_q.trainable_parameters(), opt.state)
 
@@ -197,8 +225,11 @@ def run_stage1(model, plan: dict, pixels: mx.array, cfg: Stage1Config, run_dir: 
                       pixels, len(layers))
     report = {"fingerprint": fp, "config": asdict(cfg), "tiles": int(pixels.shape[0]), "blocks": []}
     start = 0
-    if (state_dir / "state.json").is_file():
-        state = json.loads((state_dir / "state.json").read_text())
+    main = dist.is_main()
+    dist.check_same(fp, "stage-1 settings or calibration images")
+    state = dist.broadcast_json(json.loads((state_dir / "state.json").read_text())
+                                if main and (state_dir / "state.json").is_file() else None)
+    if state is not None:
         if not resume:
             raise SpeedQError(f"{state_dir} holds a stage-1 checkpoint; pass --resume to continue "
                               "it, or --overwrite to start again")
@@ -208,27 +239,29 @@ def run_stage1(model, plan: dict, pixels: mx.array, cfg: Stage1Config, run_dir: 
         report = state
         start = len(state["blocks"])
         _load_blocks(layers, prefix, state_dir / "blocks.safetensors", start, scale_dtype, per_block)
-        acts = mx.load(str(state_dir / "acts.safetensors"))
+        acts = dist.broadcast_arrays(mx.load(str(state_dir / "acts.safetensors")) if main else None)
         x_q, x_fp = acts["x_q"], acts["x_fp"]
         log(f"stage 1: resuming at block {start}/{len(layers)}")
     else:
-        x_fp = _chunked(model.vision_model.embeddings, pixels, cfg.eval_chunk)
+        x_fp = _chunked_all(model.vision_model.embeddings, pixels, cfg.eval_chunk)
         x_q = x_fp
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        state_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
     bar = tqdm(range(start, len(layers)), desc="stage 1 (vision blocks)", unit="block",
-               initial=start, total=len(layers))
+               initial=start, total=len(layers), disable=not main)
     for i in bar:
         t0 = time.time()
         block = layers[i]
-        target = _chunked(block, x_fp, cfg.eval_chunk)
+        target = _chunked_all(block, x_fp, cfg.eval_chunk)
         settings = per_block[i]
         if not settings:
-            x_q = _chunked(block, x_q, cfg.eval_chunk)
+            x_q = _chunked_all(block, x_q, cfg.eval_chunk)
             x_fp = target
             report["blocks"].append({"block": i, "skipped": True})
-            _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
+            if main:
+                _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
             continue
         vcfg = model.config.vision_config
         rtn_loss = _mse(_rtn_block(block, vcfg, settings, scale_dtype), x_q, target, cfg.eval_chunk)
@@ -248,7 +281,7 @@ def run_stage1(model, plan: dict, pixels: mx.array, cfg: Stage1Config, run_dir: 
         for dotted, m in ada.items():
             _set(block, dotted, m.harden())
         final_loss = _mse(block, x_q, target, cfg.eval_chunk)
-        x_q = _chunked(block, x_q, cfg.eval_chunk)
+        x_q = _chunked_all(block, x_q, cfg.eval_chunk)
         x_fp = target
         entry = {"block": i, "rtn_mse": rtn_loss, "init_mse": init_loss, "final_mse": final_loss,
                  "seconds": round(time.time() - t0, 2)}
@@ -257,8 +290,10 @@ def run_stage1(model, plan: dict, pixels: mx.array, cfg: Stage1Config, run_dir: 
         (bar.write if log is print else log)(
             f"stage 1 block {i}: mse rtn {rtn_loss:.4g} -> init {init_loss:.4g} -> "
             f"adaround {final_loss:.4g} ({entry['seconds']}s)")
-        _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
-    (Path(run_dir) / "stage1_report.json").write_text(json.dumps(report, indent=2))
+        if main:
+            _save(state_dir, report, layers, prefix, x_q, x_fp, i + 1)
+    if main:
+        (Path(run_dir) / "stage1_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -286,7 +321,7 @@ def _save(state_dir: Path, report: dict, layers, prefix: str, x_q, x_fp, done: i
 
 
 def _load_blocks(layers, prefix, path: Path, done: int, scale_dtype, per_block) -> None:
-    saved = mx.load(str(path))
+    saved = dist.broadcast_arrays(mx.load(str(path)) if dist.is_main() else None)
     for i in range(done):
         for dotted, (bits, group) in per_block[i].items():
             key = f"{prefix}.{i}.{dotted}"
@@ -300,9 +335,10 @@ def _load_blocks(layers, prefix, path: Path, done: int, scale_dtype, per_block) 
 def load_stage1(model, plan: dict, run_dir: Path, scale_dtype) -> bool:
     """Put a finished stage 1 from an earlier run (--stages 1) into the model, if there is one."""
     state_file = Path(run_dir) / "stage1" / "state.json"
-    if not state_file.is_file():
+    state = dist.broadcast_json(json.loads(state_file.read_text())
+                                if dist.is_main() and state_file.is_file() else None)
+    if state is None:
         return False
-    state = json.loads(state_file.read_text())
     layers = model.vision_model.encoder.layers
     if len(state["blocks"]) != len(layers):
         raise SpeedQError(f"{state_file.parent} holds an unfinished stage 1; run --stages 1 --resume first")

@@ -101,3 +101,13 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: unknown model name 'nope'")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["quantize"], "Missing"), (["quantize", "-m", "x", "--bits", "abc"], "valid integer"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_are_short_not_tracebacks(args, match, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert match in err and "Traceback" not in err and "site-packages" not in err
