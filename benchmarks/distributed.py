@@ -314,11 +314,11 @@ def main():
               f"({bw['gbit_per_s']} Gb/s of buffer per second)")
 
     p = proj
-    print(f"\nprojection: InternVL2-1B stage 3 on N Macs (ring all-reduce of fp32 gradients)")
+    print("\nprojection: InternVL2-1B stage 3 on N Macs (ring all-reduce of fp32 gradients)")
     print(f"  trainable: {p['language_linear_params'] / 1e6:.1f}M language-linear params (latent "
           f"weights + biases) + {p['projector_params'] / 1e6:.2f}M projector = "
           f"{p['trainable_params'] / 1e6:.1f}M -> {p['gradient_bytes'] / 1e9:.3f} GB of gradients per step")
-    print(f"  each rank sends and receives 2(N-1)/N x that per step; links at line rate (real links give less)")
+    print("  each rank sends and receives 2(N-1)/N x that per step; links at line rate (real links give less)")
     print(f"  compute per sample ASSUMED: {p['flops_per_sample'] / 1e12:.2f} TFLOP "
           f"({p['tokens_per_sample']} LM tokens, {p['tiles_per_sample']} tile, live teacher) at "
           f"{p['assumed_mac_tflops']} TFLOP/s sustained = {p['compute_s_per_sample']:.2f} s; no overlap of "

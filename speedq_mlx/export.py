@@ -7,8 +7,6 @@ only when complete, so a failed or interrupted export never leaves half an artif
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import __version__
+from .atomic import atomic_dir
 from .chat_template import jinja_template
 from .errors import SpeedQError
 from .model_io import dtype_name, image_token_id
@@ -118,10 +117,7 @@ def write_artifact(out_dir: Path, model: nn.Module, plan: dict, source_config: d
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         config = artifact_config(source_config, plan, model, tokenizer, dtype)
         weights = artifact_weights(model, dtype)
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
@@ -136,10 +132,6 @@ def write_artifact(out_dir: Path, model: nn.Module, plan: dict, source_config: d
             (tmp / name).write_text(json.dumps(content, indent=2))
         table = format_report(artifact_report(tmp))
         (tmp / "README.md").write_text(model_card(report_table=table, **(card_info or {})))
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -150,16 +142,6 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
         raise SpeedQError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise SpeedQError(f"output path {out_dir} exists and is not a folder")
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(report_table: str, source: str = "?", method: str = "rtn",

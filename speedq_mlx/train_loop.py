@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed as dist
+from .atomic import atomic_dir
 from .errors import SpeedQError
 
 
@@ -86,19 +86,12 @@ def grad_checkpoint(layer: nn.Module) -> None:
 
 
 def _save_checkpoint(ckpt_dir: Path, model: nn.Module, opt, step: int, extra: dict) -> None:
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    state = dict(tree_flatten(opt.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in state.items() if isinstance(v, mx.array)})
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir.exists():
-        ckpt_dir.rename(old)
-    tmp.rename(ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(ckpt_dir) as tmp:
+        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        state = dict(tree_flatten(opt.state))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"),
+                            {k: v for k, v in state.items() if isinstance(v, mx.array)})
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
 
 
 def _load_checkpoint(ckpt_dir: Path, model: nn.Module, opt) -> dict:

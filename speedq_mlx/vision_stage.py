@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from mlx.utils import tree_flatten
 
 from . import distributed as dist
 from . import quantizer as Q
+from .atomic import atomic_dir
 from .errors import SpeedQError
 from .qlayers import AdaRoundLinear, QuantLinear
 
@@ -306,18 +306,10 @@ def _save(state_dir: Path, report: dict, layers, prefix: str, x_q, x_fp, done: i
             if isinstance(m, QuantLinear):
                 for k, v in tree_flatten(m.parameters()):
                     weights[f"{prefix}.{i}.{dotted}.{k}"] = v
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "blocks.safetensors"), weights or {"_": mx.zeros(1)})
-    mx.save_safetensors(str(tmp / "acts.safetensors"), {"x_q": x_q, "x_fp": x_fp})
-    (tmp / "state.json").write_text(json.dumps(report, indent=2))
-    old = state_dir.with_name(state_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if state_dir.exists():
-        state_dir.rename(old)
-    tmp.rename(state_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(state_dir) as tmp:
+        mx.save_safetensors(str(tmp / "blocks.safetensors"), weights or {"_": mx.zeros(1)})
+        mx.save_safetensors(str(tmp / "acts.safetensors"), {"x_q": x_q, "x_fp": x_fp})
+        (tmp / "state.json").write_text(json.dumps(report, indent=2))
 
 
 def _load_blocks(layers, prefix, path: Path, done: int, scale_dtype, per_block) -> None:

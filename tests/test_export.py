@@ -10,7 +10,7 @@ import pytest
 from speedq_mlx import model_io
 from speedq_mlx.export import write_artifact
 from speedq_mlx.plan import apply_plan, build_plan
-from speedq_mlx.recipe import component_settings, load_recipe, overrides
+from speedq_mlx.recipe import component_settings, load_recipe
 from speedq_mlx.registry import default_recipe
 
 from conftest import run_cli

@@ -1,7 +1,6 @@
 """Stages 2 and 3 on the tiny model: exact export, exact resume, teacher modes, NaN guard."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np
