@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from speedq_mlx.distributed import free_port_pair  # noqa: E402
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 QA = [("What colour is it?", "It is mostly blue."), ("Describe the image.", "A small picture."),
@@ -99,19 +99,6 @@ def build_models(work: Path, names: list[str]) -> dict:
             print(f"built {name} in {time.time() - t0:.1f}s")
         out[name] = path
     return out
-
-
-def free_port_pair() -> int:
-    for _ in range(50):
-        p = random.randint(20000, 60000)
-        try:
-            for q in (p, p + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def run(cmd: list, env: dict, log: Path, timeout: int) -> float:

@@ -193,3 +193,21 @@ def reduce_step(loss: mx.array, metrics: dict, n_tok: float, grads):
     grads = average_gradients(grads, w, total) if tot[0] > 0 else average_gradients(grads, 1, size())
     return (mx.array(tot[1] / total), {k: tot[2 + i] / total for i, k in enumerate(keys)},
             tot[0]), grads
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (the ring backend listens on one port per
+    rank), for `mlx.launch --starting-port p` in local tests and benchmarks."""
+    import random
+    import socket
+
+    for _ in range(50):
+        p = random.randint(20000, 60000)
+        try:
+            for q in (p, p + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")

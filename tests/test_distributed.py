@@ -9,9 +9,7 @@ Skipped, with the reason, when the ring backend cannot start here.
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,20 +59,6 @@ teacher = "cached"
 """
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        p = random.randint(20000, 60000)
-        try:
-            for q in (p, p + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "SPEEDQ_TEST_STOP_AT"}
     return {**env, "OPENBLAS_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
@@ -97,7 +81,7 @@ def _run(cmd: list, log: Path, env: dict) -> int:
 
 
 def _launch(n: int, argv: list, log: Path, env: dict) -> int:
-    return _run([LAUNCH, "--backend", "ring", "-n", n, "--starting-port", _free_port_pair(), "--",
+    return _run([LAUNCH, "--backend", "ring", "-n", n, "--starting-port", dist.free_port_pair(), "--",
                  sys.executable, *argv], log, env)
 
 
