@@ -43,13 +43,13 @@ def build(config: dict):
 
 def time_steps(model, loss, steps: int) -> float:
     opt = optim.AdamW(1e-5)
-    step = nn.value_and_grad(model, loss)
-    _, g = step(model)  # warm-up (graph building, allocations)
+    step = nn.value_and_grad(model, lambda: loss(model))  # closed over, as train_loop does
+    _, g = step()  # warm-up (graph building, allocations)
     opt.update(model, g)
     mx.eval(model.trainable_parameters(), opt.state)
     t0 = time.time()
     for _ in range(steps):
-        _, g = step(model)
+        _, g = step()
         opt.update(model, g)
         mx.eval(model.trainable_parameters(), opt.state)
     return (time.time() - t0) / steps

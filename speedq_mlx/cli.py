@@ -135,6 +135,17 @@ def _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_wi
                        compute_dtype=compute_dtype)
 
 
+def _bundled_vqa(reference: str, text, vqa, data):
+    """With no inputs given, a bundled model's own VQA test file (tiny-shapes)."""
+    from .registry import bundled_data
+
+    bundle = bundled_data(reference) if not Path(reference).exists() else None
+    if bundle and text is None and vqa is None and data is None:
+        typer.echo(f"VQA: the test file bundled with {reference} ({bundle['vqa']})", err=True)
+        return bundle["vqa"]
+    return vqa
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Model to evaluate: artifact folder, HF folder or registered name."),
@@ -149,6 +160,7 @@ def eval_cmd(
     """Measure MODEL against REF: size, bits/weight, memory, speed, VQA accuracy, perplexity, KL, agreement."""
     from .evaluate import evaluate, format_table, write_json
 
+    vqa = _bundled_vqa(reference, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                          max_tokens, speed_tokens, max_tiles, compute_dtype)
     result = evaluate(model, reference, opts, log=lambda m: typer.echo(m, err=True))
@@ -176,6 +188,7 @@ def compare(
     """Quantize one model several ways, evaluate each, write a markdown table and a quality-vs-size plot."""
     from .compare import compare as run_compare, markdown, parse_runs
 
+    vqa = _bundled_vqa(model, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                          max_tokens, speed_tokens, max_tiles, compute_dtype)
     command = typer.main.get_command(app)

@@ -526,6 +526,13 @@ def render_training_text(messages: list[dict], template: str) -> tuple[str, list
     return text, spans
 
 
+def tokenize_with_mask(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and a 0/1 mask of the tokens that overlap a character span."""
+    tok = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(tok["input_ids"]), tok["offset_mapping"]
+    return ids, [int(any(s < e_ and e > s_ for s_, e_ in spans)) for s, e in offsets]
+
+
 def encode(record: Record, enc: Encoder, max_length: int | None = None) -> Sample | None:
     """Token ids, pixel tiles and loss mask of one record.
 
@@ -544,9 +551,7 @@ def encode(record: Record, enc: Encoder, max_length: int | None = None) -> Sampl
     n_tiles = [p.shape[0] for p in pixels]
     messages = expand_images(record.messages, n_tiles, enc.num_image_token)
     text, spans = render_training_text(messages, enc.template)
-    tok = enc.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(tok["input_ids"]), tok["offset_mapping"]
-    mask = [int(any(s < e_ and e > s_ for s_, e_ in spans)) for s, e in offsets]
+    ids, mask = tokenize_with_mask(text, spans, enc.tokenizer)
     n_img = ids.count(enc.image_token_id)
     if n_img != enc.num_image_token * sum(n_tiles):
         raise SpeedQError(f"{record.source}: the text already contains {IMG_CONTEXT} tokens")

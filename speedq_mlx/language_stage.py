@@ -377,8 +377,9 @@ def run_stage3(model, teacher, plan: dict, samples: list, calib_batches: list,
         (run_dir / "clip_init.json").write_text(json.dumps(stats, indent=1))
     model.freeze()
     for p, m in model.named_modules():
-        if isinstance(m, QuantLinear) and p.startswith("language_model."):
+        if isinstance(m, QuantLinear) and p.startswith("language_model.model.layers."):
             m.unfreeze()  # latent weight, float bias, and learnable scales/biases if any
+            # (embeddings and lm_head stay frozen: quantized once, as the method has it)
     if cfg.train_projector:
         for layer in model.mlp1:
             if isinstance(layer, nn.Module) and layer.parameters():

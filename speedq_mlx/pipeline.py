@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed as dist
-from . import model_io
+from . import model_io, registry
 from .errors import SpeedQError
 from .export import check_output, write_artifact
 from .images import find_images
 from .plan import apply_plan, build_plan, quantized_paths
 from .vision_stage import Stage1Config, calibration_pixels, load_stage1, run_stage1
 from .recipe import component_settings, load_recipe, overrides
-from .registry import default_recipe
 
 METHODS = ("speedq", "rtn")
 STAGES = (1, 2, 3)
@@ -74,6 +73,10 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     compute_dtype = model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)
     stages = parse_stages(args.stages) if args.method == "speedq" else ()
+    bundle = registry.bundled_data(args.model) if not Path(args.model).exists() else None
+    if bundle and stages and args.images is None and args.data is None:
+        args = replace(args, images=bundle["images"], data=str(bundle["data"]))
+        log(f"data: the images and conversations bundled with {args.model} ({bundle['data'].parent})")
     image_paths = None
     if args.data and not str(args.data).startswith("hf:") and not Path(args.data).is_file():
         raise SpeedQError(f"data file not found: {args.data}")
@@ -87,7 +90,7 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     if dist.is_main() and args.overwrite and not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)
     source, name = model_io.resolve_source(args.model)
-    recipe_path = args.recipe or default_recipe(name, args.bits)
+    recipe_path = args.recipe or registry.default_recipe(name, args.bits)
     recipe = load_recipe(recipe_path)
     settings = component_settings(recipe, args.bits, args.group_size)
     dist.check_batches(recipe, stages)  # under mlx.launch: batches must split over the ranks

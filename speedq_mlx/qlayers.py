@@ -51,15 +51,20 @@ class _FakeQuant(nn.Module):
             return Q.fake_quantize(self.weight, s, b, self.bits, self.group_size)
         # Frozen (embeddings, lm_head, a finished stage): quantize once, not every step.
         # The cache holds the arrays it was made from; any replaced array invalidates it.
+        # (Gradient code must not pass the model as an argument to mx.value_and_grad: it
+        # swaps the arrays inside for tracer copies, a miss here on every step.)
         key = (self.weight, self.get("scales"), self.get("biases"))
         cached = getattr(self, "_dq_cache", None)
         if cached is None or any(a is not b for a, b in zip(cached[0], key)):
-            s, b = self.qparams()
-            w = mx.stop_gradient(Q.fake_quantize(self.weight, s, b, self.bits, self.group_size))
-            mx.eval(w)
-            object.__setattr__(self, "_dq_cache", (key, w))
+            object.__setattr__(self, "_dq_cache", (key, self._quantize_frozen()))
             cached = self._dq_cache
         return cached[1]
+
+    def _quantize_frozen(self) -> mx.array:
+        s, b = self.qparams()
+        w = mx.stop_gradient(Q.fake_quantize(self.weight, s, b, self.bits, self.group_size))
+        mx.eval(w)
+        return w
 
     def packed(self) -> dict:
         """{'weight': uint32 codes, 'scales', 'biases'} in the export dtype."""

@@ -15,20 +15,40 @@ MODELS = {
 
 
 # Models built on this machine, no download: name -> builder(out_dir).
-LOCAL_MODELS = {
+BUILT_MODELS = {
     "tiny-random": "speedq_mlx.hf_checkpoint:build_tiny_checkpoint",
 }
+# Models that ship inside the package with their data (assets/<name>/: model/, images/,
+# conversations.jsonl, vqa_test.jsonl), e.g. tiny-shapes (see shapes_train.py).
+BUNDLED_MODELS = ("tiny-shapes",)
+LOCAL_MODELS = (*BUILT_MODELS, *BUNDLED_MODELS)
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def bundled_data(name: str | None) -> dict | None:
+    """The data a bundled model ships with ({"images", "data", "vqa"} paths), else None."""
+    if name is None or name.lower() not in BUNDLED_MODELS:
+        return None
+    root = ASSETS / name.lower()
+    return {"images": root / "images" / "train", "data": root / "conversations.jsonl",
+            "vqa": root / "vqa_test.jsonl"}
 
 
 def local_model(name: str) -> Path:
-    """Build a LOCAL_MODELS entry into the user cache once, and return its folder."""
+    """A bundled model's folder, or a BUILT_MODELS entry built into the user cache once."""
     import importlib
     import os
 
+    if name in BUNDLED_MODELS:
+        folder = ASSETS / name / "model"
+        if not (folder / "config.json").is_file():
+            raise SpeedQError(f"{name} is missing from this installation ({folder}); reinstall "
+                              f"speedq-mlx or rebuild it with python -m speedq_mlx.shapes_train")
+        return folder
     cache = Path(os.environ.get("SPEEDQ_CACHE", Path.home() / ".cache" / "speedq-mlx"))
     out = cache / "models" / name
     if not (out / "config.json").is_file():
-        module, func = LOCAL_MODELS[name].split(":")
+        module, func = BUILT_MODELS[name].split(":")
         tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
         getattr(importlib.import_module(module), func)(tmp)
         out.parent.mkdir(parents=True, exist_ok=True)

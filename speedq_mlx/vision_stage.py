@@ -172,8 +172,8 @@ def _train_block(block_q, ada: dict, x_q, target, cfg: Stage1Config, key, log_ev
     n = x_q.shape[0]
     warm = int(cfg.warmup * cfg.iters)
 
-    def loss_fn(model, xb, yb, beta, lam):
-        d = model(xb) - yb
+    def loss_fn(xb, yb, beta, lam):  # block_q closed over (see train_loop._value_metrics_grads)
+        d = block_q(xb) - yb
         rec = (d * d).reshape(d.shape[0], -1).sum(axis=1).mean()
         reg = sum(Q.adaround_regularizer(m.V, beta) for m in ada.values())
         return rec + lam * reg, rec
@@ -194,7 +194,7 @@ def _train_block(block_q, ada: dict, x_q, target, cfg: Stage1Config, key, log_ev
         else:
             t = (it - warm) / max(1, cfg.iters - warm)
             beta, lam = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - t), cfg.reg
-        (_, _), grads = step(block_q, x_q[idx], target[idx], beta, lam)
+        (_, _), grads = step(x_q[idx], target[idx], beta, lam)
         grads = dist.average_gradients(grads, hi - lo, b)  # the batch mean over all ranks' tiles
         opt.update(block_q, grads)
         mx.eval(block_q.trainable_parameters(), opt.state)

@@ -237,3 +237,23 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_ckpt, setup):
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     for (k, a), (_, c) in zip(tree_flatten(g1), tree_flatten(g2)):
         np.testing.assert_allclose(np.array(a), np.array(c), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_frozen_quantized_layers_are_quantized_once(tiny_ckpt, setup, tmp_path, monkeypatch):
+    """Stage 3 quantizes the frozen 4-bit embeddings and lm_head once, not every step: a 151k-row head re-quantized every step made a QAT step
+    of InternVL2-1B 5x dearer than a float one."""
+    from speedq_mlx.qlayers import _FakeQuant
+
+    tok, _, samples = setup
+    seen = []
+    real = _FakeQuant._quantize_frozen
+
+    def counting(self):
+        seen.append((id(self), type(self).__name__))
+        return real(self)
+
+    monkeypatch.setattr(_FakeQuant, "_quantize_frozen", counting)
+    _stage3(tmp_path, tiny_ckpt, tok, samples, steps=4)
+    ids = [i for i, _ in seen]
+    assert len(ids) == len(set(ids)), "a frozen layer was quantized again"
+    assert sorted(name for _, name in seen) == ["QuantEmbedding", "QuantLinear"]  # embeddings, lm_head

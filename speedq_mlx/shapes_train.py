@@ -1,0 +1,201 @@
+"""Train the tiny-shapes model: a few-million-parameter InternVL2-layout VLM that answers
+questions about rendered scenes (shapes_data), trained from scratch in MLX.
+
+    python -m speedq_mlx.shapes_train --out speedq_mlx/assets/tiny-shapes
+
+writes a Hugging Face-layout checkpoint (config keys and parameter names of
+OpenGVLab/InternVL2-1B, fp16 weights, a tokenizer trained here) plus the bundled data:
+images, conversations.jsonl (training scenes) and vqa_test.jsonl (test scenes).
+
+The model is trained on two prompt formats: InternVL2's ChatML one (what `speedq-mlx
+chat/eval` and the quantization stages use) and mlx-vlm's generic "User: ... Assistant:"
+one (what stock `python -m mlx_vlm.generate` sends an internvl_chat model), so both
+answer. Training is resumable (`--resume`), like the quantization stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import data
+from . import distill as D
+from . import shapes_data as S
+from .chat_template import HERMES_2_SYSTEM
+from .forward import logits as vlm_logits
+from .hf_checkpoint import internvl_config, random_weights, train_tokenizer, write_checkpoint
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny-shapes"
+PATCH = 12
+GENERIC_PROMPT = "User: <image>\n{question}\nAssistant:\n"  # mlx-vlm's internvl_chat chat template
+
+
+def model_config(vocab_size: int) -> dict:
+    """InternVL2-1B's config with small sizes: every linear input dim a multiple of 128."""
+    return internvl_config(
+        vision={"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
+                "num_hidden_layers": 4, "image_size": S.IMAGE_SIZE, "patch_size": PATCH},
+        llm={"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "num_hidden_layers": 4, "max_position_embeddings": 512,
+             "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None},
+        max_dynamic_patch=1,
+    )
+
+
+def build_tokenizer():
+    lines = S.corpus_lines() + [HERMES_2_SYSTEM, "<|im_start|>system\n", "<|im_start|>user\n",
+                                "<|im_start|>assistant\n", "User: ", "Assistant:\n"]
+    return train_tokenizer("\n".join(lines * 8), vocab_size=768)
+
+
+def encode_qa(pixels: mx.array, qa: list[tuple[str, str]], generic: bool, enc: data.Encoder) -> data.Sample:
+    """One sample: a ChatML conversation of (question, answer) turns about the image, or
+    (generic=True) one turn in mlx-vlm's generic format."""
+    if generic:
+        (question, answer), = qa
+        prompt = data.expand_images([{"role": "user", "content": GENERIC_PROMPT.format(question=question)}],
+                                    [1], enc.num_image_token)[0]["content"]
+        text = prompt + answer + "<|im_end|>"
+        spans = [(len(prompt), len(text))]
+    else:
+        msgs = []
+        for i, (q, a) in enumerate(qa):
+            msgs += [{"role": "user", "content": ("<image>\n" if i == 0 else "") + q},
+                     {"role": "assistant", "content": a}]
+        text, spans = data.render_training_text(data.expand_images(msgs, [1], enc.num_image_token), enc.template)
+    ids, mask = data.tokenize_with_mask(text, spans, enc.tokenizer)
+    return data.Sample(ids, mask, pixels, [1])
+
+
+def scene_samples(seed: int, start: int, n: int, enc: data.Encoder, generic: bool | None = None,
+                  max_turns: int = 3):
+    """Samples of scenes start..start+n of a stream: a third in mlx-vlm's generic format
+    (one question), the rest ChatML conversations of 1..max_turns questions, unless
+    `generic` fixes the format."""
+    out = []
+    for i in range(start, start + n):
+        s = S.scene(seed, i)
+        rng = random.Random(f"train:{seed}:{i}")
+        g = rng.random() < 1 / 3 if generic is None else generic
+        qa = []
+        for _ in range(1 if g else rng.randint(1, max_turns)):
+            _, q, a = S.sample_question(s, rng, exclude=[q for q, _ in qa])
+            qa.append((q, a))
+        pixels = enc.processor.preprocess([S.render(s)])["pixel_values"][0]
+        out.append(encode_qa(pixels, qa, g, enc))
+    return out
+
+
+def answer_accuracy(model, batch: dict, image_token: int) -> float:
+    """Share of samples whose every answer token is the argmax (teacher-forced)."""
+    lg = vlm_logits(model, batch["input_ids"], batch["pixel_values"], image_token)
+    pred = mx.argmax(lg[:, :-1], axis=-1)
+    tgt, m = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    ok = ((pred == tgt) | (m == 0)).all(axis=1)
+    return float(ok.astype(mx.float32).mean())
+
+
+def hf_weights(model) -> dict:
+    """MLX parameters -> Hugging Face layout (only the patch conv differs: OHWI -> OIHW)."""
+    from mlx.utils import tree_flatten
+
+    w = dict(tree_flatten(model.parameters()))
+    k = "vision_model.embeddings.patch_embedding.weight"
+    w[k] = w[k].transpose(0, 3, 1, 2)
+    return w
+
+
+def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int = 0,
+          resume: bool = False, eval_every: int = 250, log=print, init_from: Path | None = None) -> dict:
+    """Train from a random init (or continue from `init_from`, a model folder this wrote)."""
+    from .model_io import image_token_id, load_model, load_tokenizer
+    from .train_loop import TrainConfig
+    from .train_loop import train as train_loop
+
+    tok = build_tokenizer()
+    config = model_config(len(tok))
+    init_dir = Path(init_from) if init_from else run_dir / "init"
+    if init_from and not (init_dir / "config.json").is_file():
+        raise SystemExit(f"error: no model to continue in {init_dir}")
+    if not (init_dir / "config.json").is_file():
+        w = random_weights(config, seed)
+        rng = np.random.default_rng(seed + 1)
+        w["language_model.model.embed_tokens.weight"] = (rng.standard_normal(
+            w["language_model.model.embed_tokens.weight"].shape) * 0.02).astype(np.float32)
+        write_checkpoint(init_dir, config, w, tok)
+    tok = load_tokenizer(init_dir)
+    model = load_model(init_dir, mx.float32)
+    image_token = image_token_id(tok)
+    model.config.image_token_index = image_token
+    enc = data.encoder(json.loads((init_dir / "config.json").read_text()), tok)
+    pad = tok.pad_token_id
+
+    held_out = data.collate(scene_samples(S.TEST_SEED, 10_000, 128, enc, max_turns=1), pad)
+
+    def get_batch(step):
+        # each --seed trains on its own part of the training stream (a continuation sees new scenes)
+        return data.collate(scene_samples(S.TRAIN_SEED, seed * 10_000_000 + step * batch, batch, enc), pad)
+
+    def loss_fn(m, b):
+        lg = vlm_logits(m, b["input_ids"], b["pixel_values"], image_token)
+        return D.cross_entropy(lg, b["input_ids"], b["loss_mask"]), {}, float(b["loss_mask"][:, 1:].sum())
+
+    history = []
+
+    def on_step(step):
+        if step % eval_every == 0 or step == steps:
+            acc = answer_accuracy(model, held_out, image_token)
+            history.append({"step": step, "held_out_answer_accuracy": acc})
+            log(f"step {step}: held-out answer accuracy {acc:.3f}")
+
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=0.05, weight_decay=0.01, grad_clip=1.0,
+                      batch=batch, checkpoint_every=100, seed=seed)
+    t0 = time.time()
+    train_loop(model, loss_fn, get_batch, cfg, run_dir, "tiny_shapes", resume=resume, log=log,
+               fingerprint=f"tiny-shapes:{steps}:{batch}:{lr}:{seed}:{init_from}", on_step=on_step)
+    report = {"steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
+              "seconds": round(time.time() - t0, 1),
+              "params": sum(v.size for v in hf_weights(model).values()), "eval": history}
+    write_model(out, model, config, tok, report)
+    return report
+
+
+def write_model(out: Path, model, config: dict, tok, report: dict) -> None:
+    """The trained checkpoint (fp16) and the bundled data, replacing `out` atomically."""
+    from .atomic import atomic_dir
+
+    with atomic_dir(Path(out)) as tmp:
+        write_checkpoint(tmp / "model", config, hf_weights(model), tok, dtype=mx.float16)
+        S.write_bundle(tmp)
+        (tmp / "train_report.json").write_text(json.dumps(report, indent=2))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ASSET_DIR)
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/tiny-shapes-train"))
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3: the vision tower collapses to constant features
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue training the model in this folder (e.g. OUT/model) instead of a random init")
+    a = ap.parse_args(argv)
+    import sys
+
+    from .blas import reexec_with_openblas
+
+    reexec_with_openblas(sys.argv[1:] if argv is None else argv, [sys.executable, "-m", "speedq_mlx.shapes_train"])
+    rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from)
+    print(json.dumps({k: v for k, v in rep.items() if k != "eval"}), rep["eval"][-1] if rep["eval"] else "")
+
+
+if __name__ == "__main__":
+    main()
