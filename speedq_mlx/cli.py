@@ -139,7 +139,7 @@ def _bundled_vqa(reference: str, text, vqa, data):
     """With no inputs given, a bundled model's own VQA test file (tiny-shapes)."""
     from .registry import bundled_data
 
-    bundle = bundled_data(reference) if not Path(reference).exists() else None
+    bundle = bundled_data(reference)
     if bundle and text is None and vqa is None and data is None:
         typer.echo(f"VQA: the test file bundled with {reference} ({bundle['vqa']})", err=True)
         return bundle["vqa"]

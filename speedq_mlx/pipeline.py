@@ -73,7 +73,7 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     compute_dtype = model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)
     stages = parse_stages(args.stages) if args.method == "speedq" else ()
-    bundle = registry.bundled_data(args.model) if not Path(args.model).exists() else None
+    bundle = registry.bundled_data(args.model)
     if bundle and stages and args.images is None and args.data is None:
         args = replace(args, images=bundle["images"], data=str(bundle["data"]))
         log(f"data: the images and conversations bundled with {args.model} ({bundle['data'].parent})")

@@ -26,8 +26,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def bundled_data(name: str | None) -> dict | None:
-    """The data a bundled model ships with ({"images", "data", "vqa"} paths), else None."""
-    if name is None or name.lower() not in BUNDLED_MODELS:
+    """The data a bundled model ships with ({"images", "data", "vqa"} paths), else None
+    (also for an existing folder of that name: a folder wins over a name, as in resolve_source)."""
+    if name is None or name.lower() not in BUNDLED_MODELS or Path(name).expanduser().is_dir():
         return None
     root = ASSETS / name.lower()
     return {"images": root / "images" / "train", "data": root / "conversations.jsonl",

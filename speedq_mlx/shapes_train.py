@@ -114,26 +114,30 @@ def hf_weights(model) -> dict:
 def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int = 0,
           resume: bool = False, eval_every: int = 250, log=print, init_from: Path | None = None) -> dict:
     """Train from a random init (or continue from `init_from`, a model folder this wrote)."""
+    from mlx.utils import tree_flatten
+
     from .model_io import image_token_id, load_model, load_tokenizer
     from .train_loop import TrainConfig
     from .train_loop import train as train_loop
 
-    tok = build_tokenizer()
-    config = model_config(len(tok))
     init_dir = Path(init_from) if init_from else run_dir / "init"
     if init_from and not (init_dir / "config.json").is_file():
         raise SystemExit(f"error: no model to continue in {init_dir}")
     if not (init_dir / "config.json").is_file():
+        tok = build_tokenizer()
+        config = model_config(len(tok))
         w = random_weights(config, seed)
         rng = np.random.default_rng(seed + 1)
         w["language_model.model.embed_tokens.weight"] = (rng.standard_normal(
             w["language_model.model.embed_tokens.weight"].shape) * 0.02).astype(np.float32)
         write_checkpoint(init_dir, config, w, tok)
+    # the starting checkpoint is the one source of config and tokenizer from here on
+    config = json.loads((init_dir / "config.json").read_text())
     tok = load_tokenizer(init_dir)
     model = load_model(init_dir, mx.float32)
     image_token = image_token_id(tok)
     model.config.image_token_index = image_token
-    enc = data.encoder(json.loads((init_dir / "config.json").read_text()), tok)
+    enc = data.encoder(config, tok)
     pad = tok.pad_token_id
 
     held_out = data.collate(scene_samples(S.TEST_SEED, 10_000, 128, enc, max_turns=1), pad)
@@ -161,7 +165,7 @@ def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int
                fingerprint=f"tiny-shapes:{steps}:{batch}:{lr}:{seed}:{init_from}", on_step=on_step)
     report = {"steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
               "seconds": round(time.time() - t0, 1),
-              "params": sum(v.size for v in hf_weights(model).values()), "eval": history}
+              "params": sum(v.size for _, v in tree_flatten(model.parameters())), "eval": history}
     write_model(out, model, config, tok, report)
     return report
 
