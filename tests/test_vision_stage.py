@@ -53,6 +53,20 @@ def test_stage1_beats_rtn_on_tiny_model(tiny_ckpt, image_dir, tmp_path, bits):
     assert all({"rtn_mse", "init_mse", "final_mse", "seconds"} <= set(b) for b in saved["blocks"])
 
 
+def test_stage1_never_ends_worse_than_its_start(tiny_ckpt, image_dir, tmp_path):
+    """The starting grid is never worse than min/max, and a rounding search that ends worse
+    than its start (here: 3 Adam steps at lr 5 scramble the rounding) is undone."""
+    cfg = Stage1Config(iters=3, lr=5.0, warmup=0.0)
+    model, plan, pixels, _ = _setup(tiny_ckpt, image_dir, 2, cfg)
+    rep = run_stage1(model, plan, pixels, cfg, tmp_path / "run", log=lambda *a: None)
+    for b in rep["blocks"]:
+        # (the min/max start rounds like RTN up to AdaRound's float h(V) at exact halves)
+        assert b["init_mse"] <= b["rtn_mse"] * 1.001, b
+        assert b["kept_init_rounding"], b
+        assert b["final_mse"] == pytest.approx(b["init_mse"], rel=1e-5), b
+        assert set(b["grids"].values()) <= {"minmax", "mse"} and len(b["grids"]) == 4
+
+
 @pytest.mark.real_weights
 @pytest.mark.parametrize("bits", [2, 4])
 def test_stage1_beats_rtn_on_real_weights_model(smollm_ckpt, image_dir, tmp_path, bits):
