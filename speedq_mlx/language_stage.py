@@ -338,8 +338,28 @@ def _gamma(cfg, teacher, get_batch, image_token, run_dir: Path, name: str, log) 
     return gamma
 
 
+def _held_out(model, loss_fn, val_samples: list, cfg: StageConfig, pad_id: int, teacher,
+              image_token: int):
+    """held_out() for train(): the training loss, token-weighted over the held-out samples,
+    with live teacher logits (None without held-out samples)."""
+    if not val_samples:
+        return None
+
+    def held_out() -> float:
+        total = tokens = 0.0
+        for i in range(0, len(val_samples), cfg.train.batch):
+            b = collate(val_samples[i : i + cfg.train.batch], pad_id)
+            if cfg.distill_weight:
+                b["teacher"] = vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token)
+            loss, _, n = loss_fn(model, b)
+            total, tokens = total + float(loss) * n, tokens + n
+        return total / max(tokens, 1.0)
+
+    return held_out
+
+
 def run_stage2(model, teacher, samples: list, cfg: StageConfig, run_dir: Path, pad_id: int,
-               image_token: int, resume: bool = False, log=print) -> dict:
+               image_token: int, resume: bool = False, log=print, val_samples: list = ()) -> dict:
     """Train mlp1 (float) between the quantized ViT and the frozen float language model."""
     if not samples:
         raise SpeedQError("stage 2 needs image-text training samples (--data FILE)")
@@ -349,14 +369,15 @@ def run_stage2(model, teacher, samples: list, cfg: StageConfig, run_dir: Path, p
             layer.unfreeze()
     get_batch = _batcher(samples, cfg, pad_id, teacher, image_token)
     gamma = _gamma(cfg, teacher, get_batch, image_token, Path(run_dir), "stage2", log)
-    fp = fingerprint(asdict(cfg), samples_fingerprint(samples))
-    return train(model, _loss_fn(cfg, gamma, image_token), get_batch, cfg.train, run_dir, "stage2",
-                 resume, log, fp)
+    fp = fingerprint(asdict(cfg), samples_fingerprint(samples), samples_fingerprint(val_samples))
+    loss_fn = _loss_fn(cfg, gamma, image_token)
+    return train(model, loss_fn, get_batch, cfg.train, run_dir, "stage2", resume, log, fp,
+                 held_out=_held_out(model, loss_fn, val_samples, cfg, pad_id, teacher, image_token))
 
 
 def run_stage3(model, teacher, plan: dict, samples: list, calib_batches: list,
                cfg: StageConfig, run_dir: Path, pad_id: int, image_token: int, scale_dtype,
-               resume: bool = False, log=print) -> dict:
+               resume: bool = False, log=print, val_samples: list = ()) -> dict:
     """Clip-init + QAT of the language model; the model's language linears end up QuantLinear."""
     if not samples:
         raise SpeedQError("stage 3 needs training samples (--data FILE)")
@@ -388,8 +409,10 @@ def run_stage3(model, teacher, plan: dict, samples: list, calib_batches: list,
         grad_checkpoint(model.language_model.model.layers[0])
     get_batch = _batcher(samples, cfg, pad_id, teacher, image_token, topk)
     gamma = _gamma(cfg, teacher, get_batch, image_token, run_dir, "stage3", log)
-    fp = fingerprint(asdict(cfg), samples_fingerprint(samples), sorted(plan.items()))
-    result = train(model, _loss_fn(cfg, gamma, image_token), get_batch, cfg.train, run_dir,
-                   "stage3", resume, log, fp)
+    fp = fingerprint(asdict(cfg), samples_fingerprint(samples), samples_fingerprint(val_samples),
+                     sorted(plan.items()))
+    loss_fn = _loss_fn(cfg, gamma, image_token)
+    result = train(model, loss_fn, get_batch, cfg.train, run_dir, "stage3", resume, log, fp,
+                   held_out=_held_out(model, loss_fn, val_samples, cfg, pad_id, teacher, image_token))
     result["gamma"] = gamma
     return result

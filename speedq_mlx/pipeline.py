@@ -152,13 +152,16 @@ def run_stages_2_3(args: QuantizeArgs, stages, model, plan, recipe, source, conf
     samples = [s for s in data.iter_samples(train_records, enc, args.max_length) if s is not None]
     if not samples:
         raise SpeedQError("no usable training samples (all skipped; see the messages above)")
+    val_samples = [s for s in data.iter_samples(val_records, enc, args.max_length) if s is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log(f"data: {len(samples)} training samples, {len(val_records)} held out")
+    log(f"data: {len(samples)} training samples, {len(val_samples)} held out (each stage keeps "
+        "its checkpoint with the lowest held-out loss)")
     if 2 in stages:
-        run_stage2(model, teacher, samples, cfg2, run_dir, pad, image_token, args.resume, log)
+        run_stage2(model, teacher, samples, cfg2, run_dir, pad, image_token, args.resume, log,
+                   val_samples)
     if 3 in stages:
         calib = calibration_batches(args.text, records, samples, tokenizer, config, pad,
                                     cfg3.clip_tokens, cfg3.clip_windows, seed=args.seed)
         run_stage3(model, teacher, plan, samples, calib, cfg3, run_dir, pad, image_token,
-                   out_dtype, args.resume, log)
+                   out_dtype, args.resume, log, val_samples)
     del teacher

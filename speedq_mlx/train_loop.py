@@ -128,11 +128,17 @@ def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
 
 def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainConfig,
           run_dir: Path, name: str, resume: bool = False, log=print,
-          fingerprint: str = "", on_step: Callable | None = None) -> dict:
+          fingerprint: str = "", on_step: Callable | None = None,
+          held_out: Callable | None = None) -> dict:
     """Optimise model.trainable_parameters() for cfg.steps steps.
 
     loss_fn(model, batch) -> (loss, {metric: value}, n_tokens); get_batch(step) -> batch.
-    Returns {"steps", "final_loss", "log"}.
+    Returns {"steps", "final_loss", "log"} (+ "best_step", "held_out_loss").
+
+    held_out() -> loss on data not trained on. With it, the start and every checkpoint are
+    scored, the best one's parameters are kept in <name>_best/, and the model ends with
+    those: with little data, training can over-fit, and the result should never be worse
+    on held-out data than where it started.
 
     Under `mlx.launch` get_batch(step) returns this rank's shard of the step's batch; the
     loss (a per-token mean over its n_tokens), metrics and gradients are combined over the
@@ -162,6 +168,14 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
         log_path.write_text("")
     from tqdm import tqdm
 
+    best_dir = run_dir / f"{name}_best"
+    best = None
+    if held_out is not None:
+        best = dist.broadcast_json(json.loads((best_dir / "state.json").read_text())
+                                   if main and start and (best_dir / "state.json").is_file() else None)
+        if best is None or best.get("fingerprint") != fingerprint:
+            best = _keep_if_best(model, held_out(), start, None, best_dir, fingerprint, main)
+            log(f"{name}: held-out loss at step {start}: {best['held_out_loss']:.4f}")
     bar = tqdm(range(start, cfg.steps), desc=name, unit="step", initial=start, total=cfg.steps,
                disable=not main)
     last_good = start
@@ -186,19 +200,47 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
         row = {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
                "lr": float(opt.learning_rate), "grad_norm": gnorm, "tokens": int(n_tok),
                "tokens_per_s": round(n_tok / dt, 1)}
+        at_checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if held_out is not None and at_checkpoint:
+            row["held_out_loss"] = float(held_out())
+            best = _keep_if_best(model, row["held_out_loss"], step + 1, best, best_dir, fingerprint, main)
         if main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{n_tok / dt:.0f}")
         if on_step:
             on_step(step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if at_checkpoint:
             if main:
                 _save_checkpoint(ckpt_dir, model, opt, step + 1, {"fingerprint": fingerprint})
             last_good = step + 1
     if main:
         plot_losses(log_path, run_dir / f"{name}_loss.png", name)
-    return {"steps": cfg.steps, "final_loss": loss_value, "log": str(log_path)}
+    result = {"steps": cfg.steps, "final_loss": loss_value, "log": str(log_path)}
+    if best is not None:
+        if best["step"] != cfg.steps:
+            weights = dist.broadcast_arrays(
+                mx.load(str(best_dir / "trainable.safetensors")) if main else None)
+            model.load_weights(list(weights.items()), strict=False)
+            mx.eval(model.parameters())
+            log(f"{name}: keeping step {best['step']}, the lowest held-out loss "
+                f"({best['held_out_loss']:.4f})")
+        result.update(best_step=best["step"], held_out_loss=best["held_out_loss"])
+    return result
+
+
+def _keep_if_best(model, loss: float, step: int, best: dict | None, best_dir: Path,
+                  fingerprint: str, main: bool) -> dict:
+    """The new best (its trainable parameters saved to best_dir) if `loss` beats `best`."""
+    if best is not None and not loss < best["held_out_loss"]:
+        return best
+    best = {"step": step, "held_out_loss": loss, "fingerprint": fingerprint}
+    if main:
+        with atomic_dir(best_dir) as tmp:
+            mx.save_safetensors(str(tmp / "trainable.safetensors"),
+                                dict(tree_flatten(model.trainable_parameters())))
+            (tmp / "state.json").write_text(json.dumps(best))
+    return best
 
 
 def _value_metrics_grads(model, loss_fn, batch):
