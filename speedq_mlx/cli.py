@@ -40,6 +40,9 @@ def quantize(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that --data image paths are relative to."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many training records."),
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="Cap on dynamic tiles per image."),
+    held_out: float = typer.Option(0.05, "--held-out",
+                                   help="Share of the training records held out; stages 2 and 3 end at their "
+                                        "checkpoint with the lowest loss on them (0: no selection)."),
     seed: int = typer.Option(0, "--seed"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir",
                                            help="Checkpoints and reports (default: <output parent>/runs/<output name>)."),
@@ -77,8 +80,8 @@ def quantize(
     run(QuantizeArgs(model=model, output=output, bits=bits, group_size=group_size, method=method,
                      recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite,
                      stages=stages, images=images, data=data, text=text, image_root=image_root,
-                     max_samples=max_samples, max_tiles=max_tiles, seed=seed, run_dir=run_dir,
-                     resume=resume, eval=eval_opts))
+                     max_samples=max_samples, max_tiles=max_tiles, val_fraction=held_out, seed=seed,
+                     run_dir=run_dir, resume=resume, eval=eval_opts))
 
 
 @app.command()

@@ -69,6 +69,8 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
         log = lambda *a, **k: None  # noqa: E731
     if args.method not in METHODS:
         raise SpeedQError(f"unknown method {args.method!r} (available: {', '.join(METHODS)})")
+    if not 0 <= args.val_fraction < 1:
+        raise SpeedQError(f"--held-out must be in [0, 1), got {args.val_fraction}")
     out_dtype = model_io.parse_dtype(args.dtype)
     compute_dtype = model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)

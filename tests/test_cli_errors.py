@@ -46,6 +46,7 @@ def odd_ckpt(tmp_path_factory):
     (["-m", "{ckpt}", "-b", "2", "-g", "16"], "group_size=16"),
     (["-m", "{ckpt}", "-b", "2", "--method", "gptq"], "unknown method"),
     (["-m", "{ckpt}", "-b", "2", "--dtype", "int8"], "unknown dtype"),
+    (["-m", "{ckpt}", "-b", "2", "--method", "speedq", "--held-out", "1"], "--held-out must be in [0, 1), got 1.0"),
 ])
 def test_bad_arguments(tiny_ckpt, tmp_path, capsys, args, match):
     args = [a.replace("{ckpt}", str(tiny_ckpt)) for a in args]
