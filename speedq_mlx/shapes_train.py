@@ -36,16 +36,30 @@ PATCH = 12
 GENERIC_PROMPT = "User: <image>\n{question}\nAssistant:\n"  # mlx-vlm's internvl_chat chat template
 
 
-def model_config(vocab_size: int) -> dict:
-    """InternVL2-1B's config with small sizes: every linear input dim a multiple of 128."""
+def model_config(vocab_size: int, vision: tuple = (128, 4), language: tuple = (256, 4)) -> dict:
+    """InternVL2-1B's config with small sizes, (hidden, layers) per tower; with hidden sizes
+    that are multiples of 64, so is every linear input dim (the shipped model: 128 and 256)."""
+    (vh, vl), (th, tl) = vision, language
+    heads = max(2, th // 64)
     return internvl_config(
-        vision={"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
-                "num_hidden_layers": 4, "image_size": S.IMAGE_SIZE, "patch_size": PATCH},
-        llm={"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "num_hidden_layers": 4, "max_position_embeddings": 512,
+        vision={"hidden_size": vh, "intermediate_size": 4 * vh, "num_attention_heads": max(1, vh // 32),
+                "num_hidden_layers": vl, "image_size": S.IMAGE_SIZE, "patch_size": PATCH},
+        llm={"hidden_size": th, "intermediate_size": 3 * th, "num_attention_heads": heads,
+             "num_key_value_heads": heads // 2, "num_hidden_layers": tl, "max_position_embeddings": 512,
              "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None},
         max_dynamic_patch=1,
     )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HIDDENxLAYERS' (e.g. 128x4) -> (128, 4)."""
+    try:
+        hidden, layers = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HIDDENxLAYERS such as 128x4, got {text!r}") from None
+    if hidden % 64 or hidden <= 0 or layers <= 0:
+        raise argparse.ArgumentTypeError(f"hidden size must be a positive multiple of 64, got {text!r}")
+    return hidden, layers
 
 
 def build_tokenizer():
@@ -112,8 +126,10 @@ def hf_weights(model) -> dict:
 
 
 def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int = 0,
-          resume: bool = False, eval_every: int = 250, log=print, init_from: Path | None = None) -> dict:
-    """Train from a random init (or continue from `init_from`, a model folder this wrote)."""
+          resume: bool = False, eval_every: int = 250, log=print, init_from: Path | None = None,
+          vision: tuple = (128, 4), language: tuple = (256, 4)) -> dict:
+    """Train from a random init of the given sizes (or continue from `init_from`, a model
+    folder this wrote, whose sizes it keeps)."""
     from mlx.utils import tree_flatten
 
     from .model_io import image_token_id, load_model, load_tokenizer
@@ -125,7 +141,7 @@ def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int
         raise SystemExit(f"error: no model to continue in {init_dir}")
     if not (init_dir / "config.json").is_file():
         tok = build_tokenizer()
-        config = model_config(len(tok))
+        config = model_config(len(tok), vision, language)
         w = random_weights(config, seed)
         rng = np.random.default_rng(seed + 1)
         w["language_model.model.embed_tokens.weight"] = (rng.standard_normal(
@@ -133,6 +149,9 @@ def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int
         write_checkpoint(init_dir, config, w, tok)
     # the starting checkpoint is the one source of config and tokenizer from here on
     config = json.loads((init_dir / "config.json").read_text())
+    sizes = [(c["hidden_size"], c["num_hidden_layers"]) for c in (config["vision_config"], config["llm_config"])]
+    if not init_from and sizes != [tuple(vision), tuple(language)]:
+        raise SystemExit(f"error: {init_dir} holds a model of other sizes {sizes}; use another --run-dir")
     tok = load_tokenizer(init_dir)
     model = load_model(init_dir, mx.float32)
     image_token = image_token_id(tok)
@@ -188,6 +207,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3: the vision tower collapses to constant features
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision", type=parse_size, default=(128, 4), help="ViT HIDDENxLAYERS (default 128x4)")
+    ap.add_argument("--language", type=parse_size, default=(256, 4),
+                    help="language model HIDDENxLAYERS (default 256x4)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue training the model in this folder (e.g. OUT/model) instead of a random init")
@@ -197,7 +219,8 @@ def main(argv=None) -> None:
     from .blas import reexec_with_openblas
 
     reexec_with_openblas(sys.argv[1:] if argv is None else argv, [sys.executable, "-m", "speedq_mlx.shapes_train"])
-    rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from)
+    rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from,
+                vision=a.vision, language=a.language)
     print(json.dumps({k: v for k, v in rep.items() if k != "eval"}), rep["eval"][-1] if rep["eval"] else "")
 
 

@@ -163,3 +163,24 @@ def test_quantize_uses_bundled_data_and_mlx_vlm_loads_it(fp_accuracy, tmp_path, 
     res = evaluate(str(tmp_path / "sq4"), "tiny-shapes", opts, log=lambda m: None,
                    reference_side={"vqa": {"accuracy": fp_accuracy}})
     assert res["model"]["vqa"]["accuracy"] > fp_accuracy - 0.15
+
+
+def test_model_config_defaults_are_the_shipped_model_and_sizes_parse():
+    """The default sizes rebuild the shipped config; --vision/--language take HIDDENxLAYERS."""
+    import argparse
+
+    from speedq_mlx.registry import ASSETS
+    from speedq_mlx.shapes_train import model_config, parse_size
+
+    shipped = json.loads((ASSETS / "tiny-shapes" / "model" / "config.json").read_text())
+    built = model_config(shipped["llm_config"]["vocab_size"])
+    for tower in ("vision_config", "llm_config"):
+        for k, v in built[tower].items():
+            if not k.endswith("_token_id"):  # token ids come from the tokenizer when written
+                assert shipped[tower][k] == v, (tower, k)
+    assert parse_size("64x6") == (64, 6)
+    small = model_config(100, (64, 3), (64, 6))
+    assert small["llm_config"]["num_attention_heads"] == 2 and small["llm_config"]["num_key_value_heads"] == 1
+    for bad in ("96x4", "64", "ax2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
