@@ -313,13 +313,17 @@ def _batcher(samples, cfg: StageConfig, pad_id: int, teacher, image_token: int, 
     def get_batch(step):
         idx = dist.shard(batch_order(len(samples), step, cfg.train.batch, cfg.train.seed))
         b = collate([samples[i] for i in idx], pad_id, [topk[i] for i in idx] if topk else None)
-        if cfg.distill_weight and "teacher" not in b:
-            b["teacher"] = mx.stop_gradient(
-                vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token))
-            mx.eval(b["teacher"])
-        return b
+        return _with_teacher(b, cfg, teacher, image_token)
 
     return get_batch
+
+
+def _with_teacher(b: dict, cfg: StageConfig, teacher, image_token: int) -> dict:
+    """The batch with live teacher logits, when the loss distills and it has none cached."""
+    if cfg.distill_weight and "teacher" not in b:
+        b["teacher"] = mx.stop_gradient(vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token))
+        mx.eval(b["teacher"])
+    return b
 
 
 def _gamma(cfg, teacher, get_batch, image_token, run_dir: Path, name: str, log) -> float:
@@ -348,9 +352,8 @@ def _held_out(model, loss_fn, val_samples: list, cfg: StageConfig, pad_id: int, 
     def held_out() -> float:
         total = tokens = 0.0
         for i in range(0, len(val_samples), cfg.train.batch):
-            b = collate(val_samples[i : i + cfg.train.batch], pad_id)
-            if cfg.distill_weight:
-                b["teacher"] = vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token)
+            b = _with_teacher(collate(val_samples[i : i + cfg.train.batch], pad_id), cfg, teacher,
+                              image_token)
             loss, _, n = loss_fn(model, b)
             total, tokens = total + float(loss) * n, tokens + n
         return total / max(tokens, 1.0)

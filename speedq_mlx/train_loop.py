@@ -85,9 +85,19 @@ def grad_checkpoint(layer: nn.Module) -> None:
     cls._speedq_checkpointed = True
 
 
+def _save_trainable(path: Path, model: nn.Module) -> None:
+    mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
+
+
+def _load_trainable(path: Path, model: nn.Module) -> None:
+    """Rank 0 reads the file; under a launcher every other rank receives it."""
+    weights = dist.broadcast_arrays(mx.load(str(path)) if dist.is_main() else None)
+    model.load_weights(list(weights.items()), strict=False)
+
+
 def _save_checkpoint(ckpt_dir: Path, model: nn.Module, opt, step: int, extra: dict) -> None:
     with atomic_dir(ckpt_dir) as tmp:
-        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        _save_trainable(tmp / "trainable.safetensors", model)
         state = dict(tree_flatten(opt.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"),
                             {k: v for k, v in state.items() if isinstance(v, mx.array)})
@@ -97,8 +107,7 @@ def _save_checkpoint(ckpt_dir: Path, model: nn.Module, opt, step: int, extra: di
 def _load_checkpoint(ckpt_dir: Path, model: nn.Module, opt) -> dict:
     """Rank 0 reads the checkpoint; under a launcher every other rank receives it."""
     main = dist.is_main()
-    weights = dist.broadcast_arrays(mx.load(str(ckpt_dir / "trainable.safetensors")) if main else None)
-    model.load_weights(list(weights.items()), strict=False)
+    _load_trainable(ckpt_dir / "trainable.safetensors", model)
     state = dist.broadcast_arrays(mx.load(str(ckpt_dir / "optimizer.safetensors")) if main else None)
     opt.state = tree_unflatten(list(state.items()))
     return dist.broadcast_json(json.loads((ckpt_dir / "state.json").read_text()) if main else None)
@@ -219,9 +228,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
     result = {"steps": cfg.steps, "final_loss": loss_value, "log": str(log_path)}
     if best is not None:
         if best["step"] != cfg.steps:
-            weights = dist.broadcast_arrays(
-                mx.load(str(best_dir / "trainable.safetensors")) if main else None)
-            model.load_weights(list(weights.items()), strict=False)
+            _load_trainable(best_dir / "trainable.safetensors", model)
             mx.eval(model.parameters())
             log(f"{name}: keeping step {best['step']}, the lowest held-out loss "
                 f"({best['held_out_loss']:.4f})")
@@ -237,8 +244,7 @@ def _keep_if_best(model, loss: float, step: int, best: dict | None, best_dir: Pa
     best = {"step": step, "held_out_loss": loss, "fingerprint": fingerprint}
     if main:
         with atomic_dir(best_dir) as tmp:
-            mx.save_safetensors(str(tmp / "trainable.safetensors"),
-                                dict(tree_flatten(model.trainable_parameters())))
+            _save_trainable(tmp / "trainable.safetensors", model)
             (tmp / "state.json").write_text(json.dumps(best))
     return best
 
