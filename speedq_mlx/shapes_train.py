@@ -1,4 +1,4 @@
-"""Train the tiny-shapes model: a few-million-parameter InternVL2-layout VLM that answers
+"""Train the tiny-shapes model: a 0.62M-parameter InternVL2-layout VLM that answers
 questions about rendered scenes (shapes_data), trained from scratch in MLX.
 
     python -m speedq_mlx.shapes_train --out speedq_mlx/assets/tiny-shapes
@@ -36,9 +36,15 @@ PATCH = 12
 GENERIC_PROMPT = "User: <image>\n{question}\nAssistant:\n"  # mlx-vlm's internvl_chat chat template
 
 
-def model_config(vocab_size: int, vision: tuple = (128, 4), language: tuple = (256, 4)) -> dict:
+# The shipped model's sizes, (hidden, layers) per tower. Narrow and deep beat wide and
+# shallow here: 64x4/64x6 (0.62M parameters) scores 0.87 where 128x4/256x4 (4.5M) scored 0.73.
+VISION_SIZE = (64, 4)
+LANGUAGE_SIZE = (64, 6)
+
+
+def model_config(vocab_size: int, vision: tuple = VISION_SIZE, language: tuple = LANGUAGE_SIZE) -> dict:
     """InternVL2-1B's config with small sizes, (hidden, layers) per tower; with hidden sizes
-    that are multiples of 64, so is every linear input dim (the shipped model: 128 and 256)."""
+    that are multiples of 64, so is every linear input dim."""
     (vh, vl), (th, tl) = vision, language
     heads = max(2, th // 64)
     return internvl_config(
@@ -127,7 +133,7 @@ def hf_weights(model) -> dict:
 
 def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int = 0,
           resume: bool = False, eval_every: int = 250, log=print, init_from: Path | None = None,
-          vision: tuple = (128, 4), language: tuple = (256, 4)) -> dict:
+          vision: tuple = VISION_SIZE, language: tuple = LANGUAGE_SIZE) -> dict:
     """Train from a random init of the given sizes (or continue from `init_from`, a model
     folder this wrote, whose sizes it keeps)."""
     from mlx.utils import tree_flatten
@@ -203,13 +209,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ASSET_DIR)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/tiny-shapes-train"))
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=6500)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)  # 1e-3: the vision tower collapses to constant features
+    ap.add_argument("--lr", type=float, default=5e-4)  # 1e-3 (at 128x4/256x4): the vision tower collapsed to constant features
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vision", type=parse_size, default=(128, 4), help="ViT HIDDENxLAYERS (default 128x4)")
-    ap.add_argument("--language", type=parse_size, default=(256, 4),
-                    help="language model HIDDENxLAYERS (default 256x4)")
+    ap.add_argument("--vision", type=parse_size, default=VISION_SIZE,
+                    help="ViT HIDDENxLAYERS (default %dx%d)" % VISION_SIZE)
+    ap.add_argument("--language", type=parse_size, default=LANGUAGE_SIZE,
+                    help="language model HIDDENxLAYERS (default %dx%d)" % LANGUAGE_SIZE)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue training the model in this folder (e.g. OUT/model) instead of a random init")
