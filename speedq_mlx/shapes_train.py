@@ -28,6 +28,7 @@ from . import data
 from . import distill as D
 from . import shapes_data as S
 from .chat_template import HERMES_2_SYSTEM
+from .errors import SpeedQError
 from .forward import logits as vlm_logits
 from .hf_checkpoint import internvl_config, random_weights, train_tokenizer, write_checkpoint
 
@@ -144,7 +145,7 @@ def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int
 
     init_dir = Path(init_from) if init_from else run_dir / "init"
     if init_from and not (init_dir / "config.json").is_file():
-        raise SystemExit(f"error: no model to continue in {init_dir}")
+        raise SpeedQError(f"no model to continue in {init_dir}")
     if not (init_dir / "config.json").is_file():
         tok = build_tokenizer()
         config = model_config(len(tok), vision, language)
@@ -157,7 +158,7 @@ def train(out: Path, run_dir: Path, steps: int, batch: int, lr: float, seed: int
     config = json.loads((init_dir / "config.json").read_text())
     sizes = [(c["hidden_size"], c["num_hidden_layers"]) for c in (config["vision_config"], config["llm_config"])]
     if not init_from and sizes != [tuple(vision), tuple(language)]:
-        raise SystemExit(f"error: {init_dir} holds a model of other sizes {sizes}; use another --run-dir")
+        raise SpeedQError(f"{init_dir} holds a model of other sizes {sizes}; use another --run-dir")
     tok = load_tokenizer(init_dir)
     model = load_model(init_dir, mx.float32)
     image_token = image_token_id(tok)
@@ -226,8 +227,12 @@ def main(argv=None) -> None:
     from .blas import reexec_with_openblas
 
     reexec_with_openblas(sys.argv[1:] if argv is None else argv, [sys.executable, "-m", "speedq_mlx.shapes_train"])
-    rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from,
-                vision=a.vision, language=a.language)
+    try:
+        rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from,
+                    vision=a.vision, language=a.language)
+    except SpeedQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({k: v for k, v in rep.items() if k != "eval"}), rep["eval"][-1] if rep["eval"] else "")
 
 

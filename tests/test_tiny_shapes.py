@@ -118,8 +118,8 @@ def fp_accuracy():
 @needs_bundle
 def test_bundled_model_sees(fp_accuracy):
     """The shipped full-precision model answers held-out scene questions (ChatML prompts)
-    far above what the questions alone give (a blind model: about 0.3)."""
-    assert fp_accuracy > 0.6
+    far above what the questions alone give (a blind model: about 0.3); measured 0.875."""
+    assert fp_accuracy > 0.75
 
 
 @needs_bundle
@@ -142,7 +142,7 @@ def test_stock_mlx_vlm_generate_answers():
         prompt = apply_chat_template(proc, model.config, it.question, num_images=1)
         out = generate(model, proc, prompt, [str(it.images[0])], max_tokens=6, verbose=False)
         correct += score(it, out.text)["correct"]
-    assert correct >= 12
+    assert correct >= 16  # measured 19 of 20
 
 
 @needs_bundle
@@ -163,6 +163,25 @@ def test_quantize_uses_bundled_data_and_mlx_vlm_loads_it(fp_accuracy, tmp_path, 
     res = evaluate(str(tmp_path / "sq4"), "tiny-shapes", opts, log=lambda m: None,
                    reference_side={"vqa": {"accuracy": fp_accuracy}})
     assert res["model"]["vqa"]["accuracy"] > fp_accuracy - 0.15
+
+
+def test_training_refuses_a_run_dir_of_other_sizes(tmp_path, capsys):
+    """A run folder started at one size is not silently continued at another: one-line error, exit 2."""
+    from speedq_mlx.hf_checkpoint import random_weights, write_checkpoint
+    from speedq_mlx.shapes_train import build_tokenizer, main, model_config
+
+    tok = build_tokenizer()
+    config = model_config(len(tok))
+    write_checkpoint(tmp_path / "run" / "init", config, random_weights(config), tok)
+    with pytest.raises(SystemExit) as e:
+        main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--language", "128x2", "--steps", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "other sizes" in err[-1] and "another --run-dir" in err[-1]
+    with pytest.raises(SystemExit) as e:
+        main(["--init-from", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--steps", "1"])
+    assert e.value.code == 2 and "no model to continue" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_config_defaults_are_the_shipped_model_and_sizes_parse():
