@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--test-scenes", type=int, default=0,
                     help="score N scenes of the test stream instead of the bundled 200")
     a = ap.parse_args()
+    if a.test_scenes < 0:
+        ap.error("--test-scenes must be 0 (the bundled test file) or a positive number of scenes")
     reexec_with_openblas(sys.argv[1:], [sys.executable, __file__])
 
     from speedq_mlx.cli import main as cli
