@@ -34,9 +34,10 @@ def main() -> None:
     reexec_with_openblas(sys.argv[1:], [sys.executable, __file__])
 
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from speedq_mlx import data, model_io
+    from speedq_mlx import data, model_io, plan
     from speedq_mlx import quantizer as Q
     from speedq_mlx import shapes_data as S
     from speedq_mlx.shapes_train import answer_accuracy, scene_samples
@@ -53,8 +54,11 @@ def main() -> None:
         return sum(answer_accuracy(model, b, image_token) * b["input_ids"].shape[0] for b in chunks) / a.items
 
     original = dict(tree_flatten(model.parameters()))
-    linears = [k for k, v in original.items() if k.endswith(".weight") and v.ndim == 2
-               and "embed" not in k and "lm_head" not in k]
+    # the vision, projector and language linears: the components a recipe's bits apply to
+    # (in parameter order, which fixes which noise draw each linear gets)
+    targets = {f"{path}.weight" for path, m in plan.quantizable_modules(model).items()
+               if isinstance(m, nn.Linear) and plan.component_of(path) in ("vision", "projector", "language")}
+    linears = [k for k in original if k in targets]
 
     def run(name: str, perturb) -> dict:
         new = {k: perturb(original[k]) for k in linears}
