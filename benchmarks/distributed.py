@@ -19,8 +19,8 @@ per step, at the line rate of 10 GbE, Thunderbolt 4 and Thunderbolt 5; against a
 compute time per step estimated from FLOPs at an ASSUMED sustained fp32 rate per Mac
 (--mac-tflops; not measured here: this machine has no Mac).
 
-    python benchmarks/distributed.py                     # both models: ~10-13 min on 2 cores
-    python benchmarks/distributed.py --models tiny       # ~30 s
+    python -m benchmarks.distributed                     # both models: ~10-13 min on 2 cores
+    python -m benchmarks.distributed --models tiny       # ~30 s
 
 (smollm's runs take 3-7 min each here. On 2 shared cores two ranks cannot be faster
 than one: the table measures the overhead of the distributed path, not a speed-up.)
@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from speedq_mlx.distributed import free_port_pair  # noqa: E402
+from devkit.ports import free_port_pair
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 QA = [("What colour is it?", "It is mostly blue."), ("Describe the image.", "A small picture."),
@@ -84,8 +83,8 @@ clip_windows = 8
 
 
 def build_models(work: Path, names: list[str]) -> dict:
-    from speedq_mlx.hf_checkpoint import build_tiny_checkpoint
-    from speedq_mlx.smollm_checkpoint import DEFAULT_GGUF, build_smollm_checkpoint
+    from speedq_mlx.model.synthetic import build_tiny_checkpoint
+    from devkit.smollm import DEFAULT_GGUF, build_smollm_checkpoint
 
     out = {}
     for name in names:
@@ -157,7 +156,7 @@ def trainable_counts() -> dict:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from speedq_mlx.hf_checkpoint import internvl_config
+    from speedq_mlx.model.synthetic import internvl_config
 
     def count(config: dict) -> dict:
         from mlx_vlm.models.internvl_chat import internvl_chat as M
@@ -326,5 +325,5 @@ def main():
 if __name__ == "__main__":
     from speedq_mlx.blas import reexec_with_openblas
 
-    reexec_with_openblas(sys.argv[1:], [sys.executable, str(Path(__file__).resolve())])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.distributed"])
     main()

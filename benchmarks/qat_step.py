@@ -6,7 +6,7 @@ Measures, at batch --batch x --tokens text tokens (Qwen2-0.5B decoder, vocab 151
   live    a SPEED-Q QAT step with the full-precision teacher run live on the batch
 with step time, tokens/s and peak MLX memory; prints a table, writes JSON.
 
-    python benchmarks/qat_step.py --tokens 512 --steps 2
+    python -m benchmarks.qat_step --tokens 512 --steps 2
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speedq_mlx.blas import reexec_with_openblas  # noqa: E402
+from speedq_mlx.blas import reexec_with_openblas
 
 
 def build(config: dict):
@@ -65,10 +63,10 @@ def main():
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qat_step.json")
     args = ap.parse_args()
 
-    from speedq_mlx import distill as D
-    from speedq_mlx.forward import logits as vlm_logits
-    from speedq_mlx.hf_checkpoint import internvl_config
-    from speedq_mlx.plan import apply_plan, build_plan
+    from speedq_mlx.stages import losses as D
+    from speedq_mlx.model.forward import logits as vlm_logits
+    from speedq_mlx.model.synthetic import internvl_config
+    from speedq_mlx.quant.plan import apply_plan, build_plan
 
     config = internvl_config(vision={}, llm={})
     ids = mx.random.randint(0, 151000, (args.batch, args.tokens), key=mx.random.key(0))
@@ -146,5 +144,5 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, str(Path(__file__).resolve())])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.qat_step"])
     main()

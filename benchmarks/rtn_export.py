@@ -7,7 +7,7 @@ Qwen2-0.5B decoder, vocab 151655, ~938M parameters) and random weights, then run
 records wall time, the child's peak RSS, the artifact's size on disk and the per-component
 parameters / bits-per-weight / MiB that `speedq-mlx inspect --json` reports.
 
-    python benchmarks/rtn_export.py [--work DIR] [--rebuild] [--json PATH] [--configs w2,w4]
+    python -m benchmarks.rtn_export [--work DIR] [--rebuild] [--json PATH] [--configs w2,w4]
 
 The checkpoint (~1.9 GB, float16) is reused from --work when it is already there.
 Target checked: the W2 artifact (embeddings and lm_head 4-bit g32) is <= 380 MB,
@@ -78,7 +78,7 @@ def run_measured(cmd: list[str], log_file: Path) -> dict:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -104,7 +104,7 @@ def build_checkpoint(out_dir: str, seed: int, dtype: str) -> None:
     """Runs in a child process (see --_build): real InternVL2-1B config, random weights."""
     import numpy as np
 
-    from speedq_mlx.hf_checkpoint import internvl_config, random_weights, train_tokenizer, write_checkpoint
+    from speedq_mlx.model.synthetic import internvl_config, random_weights, train_tokenizer, write_checkpoint
 
     t0 = time.perf_counter()
     config = internvl_config(vision={}, llm={})  # InternVL2-1B as published, vocab 151655
@@ -121,7 +121,7 @@ def build_checkpoint(out_dir: str, seed: int, dtype: str) -> None:
 
 
 def checkpoint_info(ckpt: Path) -> dict:
-    from speedq_mlx.report import safetensors_header
+    from speedq_mlx.model.io import safetensors_header
 
     header = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -139,7 +139,7 @@ def ensure_checkpoint(work: Path, rebuild: bool, seed: int, dtype: str) -> tuple
         print(f"reusing checkpoint {ckpt}", flush=True)
         return ckpt, None
     print(f"building InternVL2-1B-shaped checkpoint in {ckpt} ({dtype}, seed {seed}) ...", flush=True)
-    m = run_measured([sys.executable, __file__, "--_build", str(ckpt), "--seed", str(seed),
+    m = run_measured([sys.executable, "-m", "benchmarks.rtn_export", "--_build", str(ckpt), "--seed", str(seed),
                       "--dtype", dtype], work / "logs" / "build.log")
     if m["rc"] != 0:
         sys.exit(f"checkpoint build failed (rc {m['rc']}); see {m['log']}")

@@ -6,7 +6,7 @@ teacher's own answers to a fixed set of instructions (self-distillation data, as
 uses when labels are scarce); evaluation is KL(FP || quantized) per token and top-1
 next-token agreement on held-out text and on held-out answers. Prints a table, writes JSON.
 
-    python benchmarks/stage3_ablation.py --bits 2 --steps 150
+    python -m benchmarks.stage3_ablation --bits 2 --steps 150
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speedq_mlx.blas import reexec_with_openblas  # noqa: E402
+from speedq_mlx.blas import reexec_with_openblas
 
 PROMPTS = [
     "What is the capital of France?", "Explain what a rainbow is.", "Give three tips for staying healthy.",
@@ -58,7 +56,7 @@ def teacher_answers(model, tok, prompts, path: Path, max_tokens=48) -> list:
         return json.loads(path.read_text())
     from mlx_vlm.models.cache import KVCache
 
-    from speedq_mlx.chat_template import render
+    from speedq_mlx.model.chat_template import render
 
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
@@ -80,7 +78,7 @@ def teacher_answers(model, tok, prompts, path: Path, max_tokens=48) -> list:
 
 
 def evaluate(model, ref_logits: dict, batches: dict) -> dict:
-    from speedq_mlx.forward import logits as vlm_logits
+    from speedq_mlx.model.forward import logits as vlm_logits
 
     res = {}
     for name, (ids, mask) in batches.items():
@@ -110,33 +108,39 @@ def main():
     tag = "" if args.configs == ap.get_default("configs") else "_" + args.configs.replace(",", "-")
     args.json = args.json or Path(__file__).parent / "results" / f"stage3_ablation_w{args.bits}{tag}.json"
 
-    from speedq_mlx import model_io
-    from speedq_mlx import data
-    from speedq_mlx.language_stage import StageConfig, collate, quantize_language, run_stage3
-    from speedq_mlx.plan import apply_plan, build_plan
-    from speedq_mlx.smollm_checkpoint import build_smollm_checkpoint
-    from speedq_mlx.train_loop import TrainConfig
+    from speedq_mlx.model import io as model_io
+    from speedq_mlx.model.internvl import image_token_id
+    from speedq_mlx.data import encode as E, records as R
+    from devkit.smollm import build_smollm_checkpoint
+    from devkit.testing import make_run
+    from speedq_mlx.data.sources import TrainData
+    from speedq_mlx.pipeline import prepare_stage3
+    from speedq_mlx.quant.clip import clip_init
+    from speedq_mlx.quant.plan import apply_plan, build_plan, select
+    from speedq_mlx.stages.common import StageConfig, collate
+    from speedq_mlx.stages.stage3_language import TRAINED, run_stage3
+    from speedq_mlx.train.loop import TrainConfig
 
     ck = args.work / "smollm-internvl"
     if not (ck / "config.json").is_file():
         build_smollm_checkpoint(ck)
     tok = model_io.load_tokenizer(ck)
-    img = model_io.image_token_id(tok)
+    img = image_token_id(tok)
     teacher = model_io.load_model(ck, mx.float32, img)
     qa = teacher_answers(teacher, tok, PROMPTS, args.work / "teacher_answers.json")
-    enc = data.encoder(model_io.read_config(ck), tok)
-    records = [data.Record(messages=[{"role": "system", "content": SYSTEM},
+    enc = E.encoder(model_io.read_config(ck), tok)
+    records = [R.Record(messages=[{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": r["prompt"]},
                                      {"role": "assistant", "content": r["answer"]}], source=f"qa:{i}")
                for i, r in enumerate(qa)]
-    samples = [data.encode(r, enc) for r in records]
+    samples = [E.encode(r, enc) for r in records]
     train_s, held_s = samples[:40], samples[40:]
     pad = tok.pad_token_id
     held = collate(held_s, pad)
     text_ids = tok.encode(HELD_OUT_TEXT, add_special_tokens=False)
     batches = {"held_out_text": (mx.array([text_ids]), mx.array([[1] * len(text_ids)])),
                "held_out_answers": (held["input_ids"], held["loss_mask"])}
-    from speedq_mlx.forward import logits as vlm_logits
+    from speedq_mlx.model.forward import logits as vlm_logits
 
     ref_logits = {k: np.array(vlm_logits(teacher, ids).astype(mx.float32))[:, :-1] for k, (ids, _) in batches.items()}
     calib = [collate(train_s[i : i + 8], pad) for i in range(0, 40, 8)]
@@ -155,15 +159,15 @@ def main():
         t0 = time.time()
         student = model_io.load_model(ck, mx.float32, img)
         plan = build_plan(student, settings)
-        emb = {p: s for p, s in plan.items() if p.endswith("embed_tokens") or p.endswith("lm_head")}
         if name == "rtn":
             apply_plan(student, plan, scale_dtype=mx.float16)
         elif name == "clip":
-            apply_plan(student, emb, scale_dtype=mx.float16)
-            quantize_language(student, plan, StageConfig(train=TrainConfig()), calib, img, mx.float16,
-                              log=lambda *a: None)
+            cfg = StageConfig(train=TrainConfig())
+            prepare_stage3(student, plan, cfg, mx.float16)
+            layers = {p: s for p, s in select(plan, *TRAINED).items() if s is not None}
+            clip_init(student, layers, cfg.clip_skip, calib, img, mx.float32, mx.float16,
+                      log=lambda *a: None)
         else:
-            apply_plan(student, emb, scale_dtype=mx.float16)
             cfg = StageConfig(train=TrainConfig(steps=args.steps, lr=args.lr, batch=args.batch,
                                                 checkpoint_every=10**9),
                               train_projector=False, **variants[name])
@@ -171,8 +175,8 @@ def main():
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
-            run_stage3(student, teacher, plan, train_s, calib, cfg, run_dir, pad, img, mx.float16,
-                       log=lambda *a: None)
+            prepare_stage3(student, plan, cfg, mx.float16)
+            run_stage3(make_run(ck, run_dir), student, teacher, plan, TrainData(train_s), calib, cfg)
         results[name] = {**evaluate(student, ref_logits, batches), "seconds": round(time.time() - t0, 1)}
         print(name, results[name], flush=True)
     out = {"model": "SmolLM2-135M-Instruct in InternVL layout", "bits": args.bits,
@@ -190,5 +194,5 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, str(Path(__file__).resolve())])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.stage3_ablation"])
     main()

@@ -2,7 +2,7 @@
 SPEED-Q at 2 and 4 bits (the recipes in recipes/tiny-shapes-w*.toml), per question kind,
 with the wall time of each quantization. Prints a table, writes JSON.
 
-    python benchmarks/tiny_shapes.py [--runs rtn-w2,speedq-w2] [--out out/bench-tiny-shapes]
+    python -m benchmarks.tiny_shapes [--runs rtn-w2,speedq-w2] [--out out/bench-tiny-shapes]
                                      [--test-scenes 1000]
 
 By default it scores the bundled test file (200 scenes, 400 questions: standard error about
@@ -23,9 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speedq_mlx.blas import reexec_with_openblas  # noqa: E402
+from speedq_mlx.blas import reexec_with_openblas
 
 RUNS = {
     "rtn-w2": ["--method", "rtn", "--bits", "2"],
@@ -48,7 +46,7 @@ def per_kind(vqa_result: dict, vqa_file: Path) -> dict:
 
 def test_file(folder: Path, n_scenes: int) -> Path:
     """A VQA file of the first n_scenes of the test stream, written once into folder."""
-    from speedq_mlx import shapes_data as S
+    from devkit.tiny_shapes import scenes as S
 
     path = folder / "vqa_test.jsonl"
     if not path.is_file():
@@ -68,11 +66,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.test_scenes < 0:
         ap.error("--test-scenes must be 0 (the bundled test file) or a positive number of scenes")
-    reexec_with_openblas(sys.argv[1:], [sys.executable, __file__])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.tiny_shapes"])
 
     from speedq_mlx.cli import main as cli
-    from speedq_mlx.evaluate import EvalOptions, evaluate
-    from speedq_mlx.registry import bundled_data
+    from speedq_mlx.evaluation.evaluate import EvalOptions, evaluate
+    from speedq_mlx.model.registry import bundled_data
 
     vqa_file = bundled_data("tiny-shapes")["vqa"]
     if a.test_scenes:

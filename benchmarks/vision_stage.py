@@ -6,7 +6,7 @@ tokens) with a calibration set of --images tiles, for --iters steps per block, a
 projects the time of the whole tower at the recipe's default steps. Prints a table
 and writes JSON.
 
-    python benchmarks/vision_stage.py --images 64 --iters 4 --blocks 2
+    python -m benchmarks.vision_stage --images 64 --iters 4 --blocks 2
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speedq_mlx.blas import reexec_with_openblas  # noqa: E402
+from speedq_mlx.blas import reexec_with_openblas
 
 
 def main() -> None:
@@ -40,10 +38,11 @@ def main() -> None:
     from mlx_vlm.models.internvl_chat.config import VisionConfig
     from mlx_vlm.models.internvl_chat.vision import VisionModel
 
-    from speedq_mlx.hf_checkpoint import internvl_config
-    from speedq_mlx.recipe import load_recipe
-    from speedq_mlx.registry import default_recipe
-    from speedq_mlx.vision_stage import LINEARS, Stage1Config, run_stage1
+    from speedq_mlx.model.synthetic import internvl_config
+    from speedq_mlx.quant.recipe import load_recipe
+    from speedq_mlx.model.registry import default_recipe
+    from speedq_mlx.run import Run, RunFolder
+    from speedq_mlx.stages.stage1_vision import LINEARS, Stage1Config, run_stage1
 
     vcfg = VisionConfig.from_dict(internvl_config(vision={}, llm={})["vision_config"])
     full_blocks = vcfg.num_hidden_layers
@@ -59,7 +58,9 @@ def main() -> None:
     mx.reset_peak_memory()
     run_dir = Path("/tmp") / f"speedq-bench-vision-{int(time.time())}"
     t0 = time.time()
-    report = run_stage1(model, plan, pixels, cfg, run_dir, log=lambda *a: None)
+    run = Run(source=Path("."), config={}, tokenizer=None, image_token=0, pad_id=0,
+              folder=RunFolder(run_dir), log=lambda *a: None)
+    report = run_stage1(run, model, plan, pixels, cfg)
     total = time.time() - t0
 
     # time of the fixed part (targets, RTN and init errors, final error) vs per step
@@ -100,19 +101,19 @@ def _time_steps(vcfg, cfg, n: int = 3) -> float:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from speedq_mlx import quantizer as Q
-    from speedq_mlx.qlayers import AdaRoundLinear
+    from speedq_mlx.quant import format as Q
+    from speedq_mlx.quant.adaround import AdaRoundLinear
     from mlx_vlm.models.internvl_chat.vision import EncoderLayer
 
-    from speedq_mlx.vision_stage import LINEARS, _get, _set
+    from speedq_mlx.stages.stage1_vision import LINEARS, get_linear, set_linear
 
     twin = EncoderLayer(vcfg)
     ada = []
     for dotted in LINEARS.values():
-        lin = _get(twin, dotted)
+        lin = get_linear(twin, dotted)
         s, b = Q.minmax_params(lin.weight, 2, 64)
         m = AdaRoundLinear(lin.weight, lin.get("bias"), s, b, 2, 64)
-        _set(twin, dotted, m)
+        set_linear(twin, dotted, m)
         ada.append(m)
     twin.freeze()
     for m in ada:
@@ -138,5 +139,5 @@ def _time_steps(vcfg, cfg, n: int = 3) -> float:
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, str(Path(__file__).resolve())])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.vision_stage"])
     main()

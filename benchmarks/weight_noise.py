@@ -8,7 +8,7 @@ RMS(W' - W) / RMS(W) averaged over the linears, so RTN and noise sit on one scal
 model that shrugs off noise several times larger than RTN's error cannot show RTN's
 2-bit collapse, whatever the quantizer does.
 
-    python benchmarks/weight_noise.py [--model tiny-shapes] [--items 384]
+    python -m benchmarks.weight_noise [--model tiny-shapes] [--items 384]
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speedq_mlx.blas import reexec_with_openblas  # noqa: E402
+from speedq_mlx.blas import reexec_with_openblas
 
 
 def main() -> None:
@@ -31,23 +29,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "weight_noise.json")
     a = ap.parse_args()
-    reexec_with_openblas(sys.argv[1:], [sys.executable, __file__])
+    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.weight_noise"])
 
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from speedq_mlx import data, model_io, plan
-    from speedq_mlx import quantizer as Q
-    from speedq_mlx import shapes_data as S
-    from speedq_mlx.shapes_train import answer_accuracy, scene_samples
+    from speedq_mlx.data import encode as E
+    from speedq_mlx.model import io as model_io
+    from speedq_mlx.model.internvl import image_token_id
+    from speedq_mlx.quant import plan
+    from speedq_mlx.quant import format as Q
+    from devkit.tiny_shapes import scenes as S
+    from devkit.tiny_shapes.train import answer_accuracy, scene_samples
 
     source, _ = model_io.resolve_source(a.model)
     tok = model_io.load_tokenizer(source)
-    image_token = model_io.image_token_id(tok)
+    image_token = image_token_id(tok)
     model = model_io.load_model(source, mx.float32, image_token)
-    enc = data.encoder(model_io.read_config(source), tok)
-    chunks = [data.collate(scene_samples(S.TEST_SEED, 20_000 + i, min(128, a.items - i), enc, max_turns=1),
+    enc = E.encoder(model_io.read_config(source), tok)
+    chunks = [E.collate(scene_samples(S.TEST_SEED, 20_000 + i, min(128, a.items - i), enc, max_turns=1),
                            tok.pad_token_id) for i in range(0, a.items, 128)]
 
     def accuracy() -> float:

@@ -64,24 +64,43 @@ def quantize(
                                                    help="--eval: first N VQA items / conversations."),
 ):
     """Quantize a checkpoint into an MLX artifact that mlx-vlm loads."""
-    from .pipeline import QuantizeArgs, quantize as run
+    params = dict(locals())  # the options above, by name
+    from .pipeline import quantize as run
 
-    if output is None:
-        output = Path("out") / f"{Path(model).name}-w{bits if bits else 'recipe'}-{method}"
-    if resume:
-        overwrite = True  # the artifact of an interrupted run is replaced when it completes
+    run(quantize_args(params))
+
+
+def quantize_args(params: dict):
+    """pipeline.QuantizeArgs from the quantize command's options (also for compare's runs)."""
+    from .pipeline import QuantizeArgs
+
+    p = dict(params)
+    if p["output"] is None:
+        p["output"] = Path("out") / f"{Path(p['model']).name}-w{p['bits'] or 'recipe'}-{p['method']}"
+    if p["resume"]:
+        p["overwrite"] = True  # the artifact of an interrupted run is replaced when it completes
     eval_opts = None
-    if run_eval or eval_text or eval_vqa or eval_data:
-        from .evaluate import EvalOptions, load_inputs
+    if p.pop("run_eval") or p["eval_text"] or p["eval_vqa"] or p["eval_data"]:
+        from .evaluation.evaluate import EvalOptions, load_inputs
 
-        eval_opts = EvalOptions(text=eval_text, vqa=eval_vqa, data=eval_data,
-                                max_samples=eval_max_samples, compute_dtype=compute_dtype)
+        eval_opts = EvalOptions(text=p["eval_text"], vqa=p["eval_vqa"], data=p["eval_data"],
+                                max_samples=p["eval_max_samples"], compute_dtype=p["compute_dtype"])
         load_inputs(eval_opts)  # bad eval inputs fail now, not after the quantization
-    run(QuantizeArgs(model=model, output=output, bits=bits, group_size=group_size, method=method,
-                     recipe=recipe, dtype=dtype, compute_dtype=compute_dtype, overwrite=overwrite,
-                     stages=stages, images=images, data=data, text=text, image_root=image_root,
-                     max_samples=max_samples, max_tiles=max_tiles, val_fraction=held_out, seed=seed,
-                     run_dir=run_dir, resume=resume, eval=eval_opts))
+    for key in ("eval_text", "eval_vqa", "eval_data", "eval_max_samples"):
+        del p[key]
+    return QuantizeArgs(val_fraction=p.pop("held_out"), eval=eval_opts, **p)
+
+
+def parse_quantize_flags(argv: list[str]):
+    """QuantizeArgs from `speedq-mlx quantize` flags, checked as the command checks them."""
+    command = typer.main.get_command(app).commands["quantize"]
+    try:
+        ctx = command.make_context("quantize", list(argv))
+    except Exception as e:  # usage errors (typer's own click exceptions): one line
+        if not hasattr(e, "format_message"):
+            raise
+        raise SpeedQError(f"quantize {' '.join(argv)}: {e.format_message()}") from None
+    return quantize_args(ctx.params)
 
 
 @app.command()
@@ -90,7 +109,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Show bits, group size, parameters, size and bits/weight per component."""
-    from .report import artifact_report, format_report
+    from .export.inspect import artifact_report, format_report
 
     rep = artifact_report(folder)
     typer.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
@@ -130,7 +149,7 @@ _COMPUTE = typer.Option("float32", "--compute-dtype",
 
 def _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                   max_tokens, speed_tokens, max_tiles, compute_dtype):
-    from .evaluate import EvalOptions
+    from .evaluation.evaluate import EvalOptions
 
     return EvalOptions(text=text, vqa=vqa, data=data, image_root=image_root, max_samples=max_samples,
                        text_tokens=text_tokens, text_windows=text_windows, batch_size=batch_size,
@@ -140,7 +159,7 @@ def _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_wi
 
 def _bundled_vqa(reference: str, text, vqa, data):
     """With no inputs given, a bundled model's own VQA test file (tiny-shapes)."""
-    from .registry import bundled_data
+    from .model.registry import bundled_data
 
     bundle = bundled_data(reference)
     if bundle and text is None and vqa is None and data is None:
@@ -161,7 +180,7 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full results (per-item VQA too) here."),
 ):
     """Measure MODEL against REF: size, bits/weight, memory, speed, VQA accuracy, perplexity, KL, agreement."""
-    from .evaluate import evaluate, format_table, write_json
+    from .evaluation.evaluate import evaluate, format_table, write_json
 
     vqa = _bundled_vqa(reference, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
@@ -189,26 +208,12 @@ def compare(
     compute_dtype: str = _COMPUTE,
 ):
     """Quantize one model several ways, evaluate each, write a markdown table and a quality-vs-size plot."""
-    from .compare import compare as run_compare, markdown, parse_runs
+    from .evaluation.compare import compare as run_compare, markdown, parse_runs
 
     vqa = _bundled_vqa(model, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                          max_tokens, speed_tokens, max_tiles, compute_dtype)
-    command = typer.main.get_command(app)
-
-    def quantize_argv(argv, check=False):
-        try:
-            if check:
-                command.commands["quantize"].make_context("quantize", list(argv))
-            else:
-                command.main(["quantize", *argv], standalone_mode=False)
-        except Exception as e:  # usage errors (typer's own click exceptions): one line, naming the run
-            if not hasattr(e, "format_message"):
-                raise
-            raise SpeedQError(f"compare run ({' '.join(argv)}): {e.format_message()}") from None
-
-    summary = run_compare(model, parse_runs(run or []), out, opts, quantize_argv,
-                          check_fn=lambda a: quantize_argv(a, check=True), reuse=reuse,
+    summary = run_compare(model, parse_runs(run or []), out, opts, parse_quantize_flags, reuse=reuse,
                           overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     typer.echo(markdown(summary))
     typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")

@@ -1,4 +1,12 @@
-"""quantize: CLI arguments -> recipe -> model -> method -> export, in that order."""
+"""quantize: checks -> load -> plan -> stage 1 -> stage 2 -> stage 3 -> export (-> eval).
+
+This is the one place that applies the quantization plan (`quant.plan.apply_plan`), in
+this order: stage 1 learns the ViT blocks' rounding and the rest of the vision tower is
+rounded to nearest; stage 2 re-aligns the float projector against that quantized tower
+and the float language model; then the language model, projector, embeddings and lm_head
+become fake-quantized, and stage 3 clip-initialises and trains them; whatever is still
+float in the plan is rounded to nearest; the artifact is written.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,23 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import distributed as dist
-from . import model_io, registry
+import mlx.core as mx
+
+from .data.images import find_images
+from .data.sources import DataOptions, calibration_batches, training_data
 from .errors import SpeedQError
-from .export import check_output, write_artifact
-from .images import find_images
-from .plan import apply_plan, build_plan, quantized_paths
-from .vision_stage import Stage1Config, calibration_pixels, load_stage1, run_stage1
-from .recipe import component_settings, load_recipe, overrides
+from .evaluation.evaluate import EvalOptions
+from .export.artifact import check_output, write_artifact
+from .model import io as model_io
+from .model import registry
+from .quant.plan import apply_plan, build_plan, select
+from .quant.recipe import component_settings, load_recipe, overrides
+from .run import Run
+from .stages.common import StageConfig
+from .stages.stage1_vision import Stage1Config, calibration_pixels, load_stage1, run_stage1
+from .stages.stage2_projector import run_stage2
+from .stages.stage3_language import TRAINED, run_stage3
+from .train import distributed as dist
 
 METHODS = ("speedq", "rtn")
 STAGES = (1, 2, 3)
@@ -43,7 +60,31 @@ class QuantizeArgs:
     seed: int = 0
     run_dir: Path | None = None
     resume: bool = False
-    eval: object = None  # evaluate.EvalOptions: evaluate the artifact against the source at the end
+    eval: EvalOptions | None = None  # evaluate the artifact against the source at the end
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(data=self.data, images=self.images, image_root=self.image_root,
+                           text=self.text, max_samples=self.max_samples, max_tiles=self.max_tiles,
+                           max_length=self.max_length, held_out=self.val_fraction)
+
+
+@dataclass
+class Recipe:
+    """A recipe file, parsed and checked: component settings and each stage's config."""
+
+    path: Path
+    raw: dict
+    settings: dict
+    stage1: Stage1Config | None
+    stage2: StageConfig | None
+    stage3: StageConfig | None
+
+    def batches(self) -> dict:
+        """{"stage1": global batch, ...} of the stages this run has."""
+        out = {"stage1": self.stage1.batch} if self.stage1 else {}
+        out.update({name: cfg.train.batch for name, cfg in (("stage2", self.stage2),
+                                                            ("stage3", self.stage3)) if cfg})
+        return out
 
 
 def parse_stages(text: str) -> tuple[int, ...]:
@@ -63,107 +104,106 @@ def default_run_dir(output: Path) -> Path:
     return Path(output).parent / "runs" / Path(output).name
 
 
-def quantize(args: QuantizeArgs, log=print) -> Path:
-    """Run the whole job; every input is checked before the first byte is written."""
-    if not dist.is_main():  # under mlx.launch: every rank trains, rank 0 alone reports and writes
-        log = lambda *a, **k: None  # noqa: E731
+def read_recipe(path: Path, args: QuantizeArgs, stages) -> Recipe:
+    raw = load_recipe(path)
+    settings = component_settings(raw, args.bits, args.group_size)
+    return Recipe(Path(path), raw, settings,
+                  Stage1Config.from_recipe(raw) if 1 in stages else None,
+                  StageConfig.from_recipe(raw, "stage2", distill_weight=0.0) if 2 in stages else None,
+                  StageConfig.from_recipe(raw, "stage3") if 3 in stages else None)
+
+
+def check_inputs(args: QuantizeArgs, log) -> tuple[QuantizeArgs, tuple, list | None]:
+    """Every check that needs no model: (args with a bundled model's data filled in, the
+    stages to run, stage 1's calibration images)."""
     if args.method not in METHODS:
         raise SpeedQError(f"unknown method {args.method!r} (available: {', '.join(METHODS)})")
     if not 0 <= args.val_fraction < 1:
         raise SpeedQError(f"--held-out must be in [0, 1), got {args.val_fraction}")
-    out_dtype = model_io.parse_dtype(args.dtype)
-    compute_dtype = model_io.parse_dtype(args.compute_dtype)
+    model_io.parse_dtype(args.dtype)
+    model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)
     stages = parse_stages(args.stages) if args.method == "speedq" else ()
     bundle = registry.bundled_data(args.model)
     if bundle and stages and args.images is None and args.data is None:
         args = replace(args, images=bundle["images"], data=str(bundle["data"]))
         log(f"data: the images and conversations bundled with {args.model} ({bundle['data'].parent})")
-    image_paths = None
     if args.data and not str(args.data).startswith("hf:") and not Path(args.data).is_file():
         raise SpeedQError(f"data file not found: {args.data}")
     if args.text and not Path(args.text).exists():
         raise SpeedQError(f"text file not found: {args.text}")
+    image_paths = None
     if 1 in stages:
         if args.images is None:
             raise SpeedQError("stage 1 needs calibration images: pass --images DIR")
         image_paths = find_images(args.images)
+    return args, stages, image_paths
+
+
+def quantize(args: QuantizeArgs, log=print) -> Path:
+    """Run the whole job; every input is checked before the first byte is written."""
+    if not dist.is_main():  # under mlx.launch: every rank trains, rank 0 alone reports and writes
+        log = lambda *a, **k: None  # noqa: E731
+    args, stages, image_paths = check_inputs(args, log)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.output)
     if dist.is_main() and args.overwrite and not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)
     source, name = model_io.resolve_source(args.model)
-    recipe_path = args.recipe or registry.default_recipe(name, args.bits)
-    recipe = load_recipe(recipe_path)
-    settings = component_settings(recipe, args.bits, args.group_size)
-    dist.check_batches(recipe, stages)  # under mlx.launch: batches must split over the ranks
-    config = model_io.read_config(source)
-    tokenizer = model_io.load_tokenizer(source)
-    image_token = model_io.image_token_id(tokenizer)
+    recipe = read_recipe(args.recipe or registry.default_recipe(name, args.bits), args, stages)
+    dist.check_batches(recipe.batches())  # under mlx.launch: batches must split over the ranks
+    run = Run.open(source, run_dir, args.resume, compute_dtype=model_io.parse_dtype(args.compute_dtype),
+                   out_dtype=model_io.parse_dtype(args.dtype), seed=args.seed, log=log)
     t0 = time.time()
     log(f"loading {source} ({args.compute_dtype})")
-    model = model_io.load_model(source, compute_dtype, image_token)
-    plan = build_plan(model, settings, overrides(recipe))
-    log(f"recipe {recipe_path}: " + ", ".join(
-        f"{c}={'float' if s is None else f'{s[0]}-bit g{s[1]}'}" for c, s in settings.items()))
-    stage1_cfg = Stage1Config.from_recipe(recipe) if 1 in stages else None
-    if 1 in stages:
-        pixels = calibration_pixels(config, image_paths, stage1_cfg, compute_dtype)
-        run_stage1(model, plan, pixels, stage1_cfg, run_dir, resume=args.resume,
-                   scale_dtype=out_dtype, log=log)
-    elif stages and load_stage1(model, plan, run_dir, out_dtype):
-        log(f"stage 1: using the quantized vision tower in {run_dir / 'stage1'}")
-    # stages 2 and 3 train against the quantized vision tower, whichever way it was made
-    done = set(quantized_paths(model))
-    apply_plan(model, {p: s for p, s in plan.items() if p.startswith("vision_model.") and p not in done},
-               scale_dtype=out_dtype)
-    if {2, 3} & set(stages):
-        run_stages_2_3(args, stages, model, plan, recipe, source, config, tokenizer, image_token,
-                       compute_dtype, out_dtype, run_dir, log)
+    model = model_io.load_model(source, run.compute_dtype, run.image_token)
+    plan = build_plan(model, recipe.settings, overrides(recipe.raw))
+    log(f"recipe {recipe.path}: " + ", ".join(
+        f"{c}={'float' if s is None else f'{s[0]}-bit g{s[1]}'}" for c, s in recipe.settings.items()))
+    quantize_model(run, model, plan, recipe, stages, args.data_options(), image_paths)
     if not dist.is_main():
         return Path(args.output)
-    done = set(quantized_paths(model))
-    apply_plan(model, {p: s for p, s in plan.items() if p not in done}, scale_dtype=out_dtype)
     log(f"writing {args.output}")
-    card_info = {"source": args.model, "method": args.method, "recipe_path": str(recipe_path),
+    card_info = {"source": args.model, "method": args.method, "recipe_path": str(recipe.path),
                  "stages": ",".join(map(str, stages)) or "-"}
-    write_artifact(args.output, model, plan, config, tokenizer, dtype=out_dtype,
+    write_artifact(args.output, model, plan, run.config, run.tokenizer, dtype=run.out_dtype,
                    overwrite=args.overwrite, card_info=card_info)
     log(f"done in {time.time() - t0:.1f}s")
     if args.eval is not None:
-        from .evaluate import eval_export
+        from .evaluation.evaluate import eval_export
 
         del model  # the artifact and the source are loaded afresh
         eval_export(args.output, source, args.eval, card_info, run_dir, log)
     return Path(args.output)
 
 
-def run_stages_2_3(args: QuantizeArgs, stages, model, plan, recipe, source, config, tokenizer,
-                   image_token, compute_dtype, out_dtype, run_dir: Path, log) -> None:
-    """Projector re-alignment (2) and language-model QAT with distillation (3)."""
-    from . import data
-    from .language_stage import StageConfig, run_stage2, run_stage3
-    from .stage_data import calibration_batches, training_records
+def quantize_model(run: Run, model, plan: dict, recipe: Recipe, stages: tuple,
+                   opts: DataOptions, image_paths: list | None) -> None:
+    """The stages and the plan, in order (see the module docstring); the model ends with
+    every planned module fake-quantized."""
+    if 1 in stages:
+        pixels = calibration_pixels(run.config, image_paths, recipe.stage1, run.compute_dtype)
+        run_stage1(run, model, plan, pixels, recipe.stage1)
+    elif stages and load_stage1(run, model, plan):
+        run.log(f"stage 1: using the quantized vision tower in {run.folder.file('stage1')}")
+    apply_plan(model, select(plan, "vision"), scale_dtype=run.out_dtype)
+    if {2, 3} & set(stages):
+        teacher = model_io.load_model(run.source, run.compute_dtype, run.image_token)  # full precision
+        data = training_data(run, opts, teacher)
+        if 2 in stages:
+            run_stage2(run, model, teacher, data, recipe.stage2)
+        if 3 in stages:
+            cfg = recipe.stage3
+            calib = calibration_batches(run, opts.text, data, cfg.clip_tokens, cfg.clip_windows)
+            prepare_stage3(model, plan, cfg, run.out_dtype)
+            run_stage3(run, model, teacher, plan, data, calib, cfg)
+        del teacher
+    apply_plan(model, plan, scale_dtype=run.out_dtype)
 
-    cfg2 = StageConfig.from_recipe(recipe, "stage2", distill_weight=0.0)
-    cfg3 = StageConfig.from_recipe(recipe, "stage3")
-    teacher = model_io.load_model(source, compute_dtype, image_token)  # full precision, ViT too
-    records = training_records(args.data, args.images, args.image_root, args.max_samples, teacher,
-                               source, config, tokenizer, run_dir, args.seed, log)
-    train_records, val_records = data.split(records, args.val_fraction, args.seed)
-    enc = data.encoder(config, tokenizer, args.max_tiles)
-    samples = [s for s in data.iter_samples(train_records, enc, args.max_length) if s is not None]
-    if not samples:
-        raise SpeedQError("no usable training samples (all skipped; see the messages above)")
-    val_samples = [s for s in data.iter_samples(val_records, enc, args.max_length) if s is not None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log(f"data: {len(samples)} training samples, {len(val_samples)} held out (each stage keeps "
-        "its checkpoint with the lowest held-out loss)")
-    if 2 in stages:
-        run_stage2(model, teacher, samples, cfg2, run_dir, pad, image_token, args.resume, log,
-                   val_samples)
-    if 3 in stages:
-        calib = calibration_batches(args.text, records, samples, tokenizer, config, pad,
-                                    cfg3.clip_tokens, cfg3.clip_windows, seed=args.seed)
-        run_stage3(model, teacher, plan, samples, calib, cfg3, run_dir, pad, image_token,
-                   out_dtype, args.resume, log, val_samples)
-    del teacher
+
+def prepare_stage3(model, plan: dict, cfg: StageConfig, scale_dtype) -> None:
+    """What stage 3 starts from: embeddings / lm_head frozen at their recipe bits (quantized
+    once, before QAT), and the language and projector linears as the fake-quantized layers
+    QAT trains (fp32 latent weights, min/max or learnable scales)."""
+    apply_plan(model, select(plan, "embeddings", "lm_head"), scale_dtype=scale_dtype)
+    apply_plan(model, select(plan, *TRAINED), scale_dtype=scale_dtype,
+               learn_qparams=cfg.learn_qparams, latent_dtype=mx.float32)

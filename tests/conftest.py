@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from speedq_mlx.blas import reexec_with_openblas
-from speedq_mlx.hf_checkpoint import build_tiny_checkpoint
+from speedq_mlx.model.synthetic import build_tiny_checkpoint
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -41,41 +41,16 @@ def image_path(tmp_path_factory):
     return path
 
 
-def run_cli(args, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    from speedq_mlx.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="session")
 def smollm_ckpt(tmp_path_factory):
     """InternVL-layout checkpoint with the real SmolLM2-135M language model (skip if absent)."""
     from pathlib import Path
 
-    from speedq_mlx.smollm_checkpoint import DEFAULT_GGUF, build_smollm_checkpoint
+    from devkit.smollm import DEFAULT_GGUF, build_smollm_checkpoint
 
     if not Path(DEFAULT_GGUF).is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {DEFAULT_GGUF}")
     return build_smollm_checkpoint(tmp_path_factory.mktemp("smollm") / "smollm-internvl")
-
-
-ENGLISH_TEXT = (
-    "The history of the city goes back more than two thousand years. It began as a small "
-    "fishing village on the banks of the river, and over the centuries it grew into a busy "
-    "market town. Merchants came from far away to sell cloth, spices and wine, and the town "
-    "built a large stone bridge so that carts could cross the water. Today the old streets are "
-    "full of shops and cafes, and visitors come every summer to walk along the river and visit "
-    "the museums. In the winter the town is quiet. Most of the people who live there work in "
-    "the hospital, the schools or the small factories outside the centre, and on Sundays "
-    "families walk in the hills above the valley, where the air is clean and the views are wide."
-)
 
 
 @pytest.fixture(scope="session")

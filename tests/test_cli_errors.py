@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from speedq_mlx.hf_checkpoint import random_weights, tiny_config, train_tokenizer, write_checkpoint
+from speedq_mlx.model.synthetic import random_weights, tiny_config, train_tokenizer, write_checkpoint
 
-from conftest import run_cli
+from devkit.testing import run_cli
 
 
 def _assert_refused(code, out, err, tmp_path, match):

@@ -1,0 +1,1 @@
+"""Data: conversation records, datasets, text, images, encoding into training samples."""

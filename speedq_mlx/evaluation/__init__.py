@@ -1,0 +1,1 @@
+"""Evaluation: eval, compare, fidelity, generation, VQA scoring, VLMEvalKit data."""

@@ -1,0 +1,1 @@
+"""The artifact: weights and files mlx-vlm loads, its model card, inspection."""

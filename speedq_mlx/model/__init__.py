@@ -1,0 +1,1 @@
+"""Models: InternVL facts, checkpoint sources and loading, the batched forward."""

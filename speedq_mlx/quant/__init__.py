@@ -1,0 +1,1 @@
+"""Quantization: MLX's affine format, fake-quantized layers, AdaRound, clipping, plans, recipes."""

@@ -1,0 +1,141 @@
+"""Trainable fake-quantized layers on top of `format`, and their exact export.
+
+`QuantLinear` / `QuantEmbedding` keep a float latent weight and compute with its
+quantize-dequantize in MLX's affine format, so MLX autograd trains them (STE for the
+weight, exact gradients for learnable scales/biases). `packed()` turns one into the
+(uint32 weight, scales, biases) triple that `nn.QuantizedLinear` /
+`nn.QuantizedEmbedding` compute with: the same function, bit for bit in the codes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import format as Q
+
+
+class FakeQuant(nn.Module):
+    """Shared state: latent weight, format, and optional learnable scales/biases."""
+
+    def __init__(self, weight, bits, group_size, scale_dtype=mx.float16, learn_qparams=False,
+                 scales=None, biases=None):
+        super().__init__()
+        Q.check_format(bits, group_size, weight.shape[-1])
+        self.weight = weight
+        self.bits = bits
+        self.group_size = group_size
+        self.scale_dtype = scale_dtype
+        if scales is not None or learn_qparams:
+            if scales is None:
+                scales, biases = Q.minmax_params(weight, bits, group_size)
+            self.scales = scales
+            self.biases = biases
+
+    @property
+    def learns_qparams(self) -> bool:
+        return "scales" in self
+
+    def qparams(self) -> tuple[mx.array, mx.array]:
+        """(scales, biases) rounded to the dtype they are exported in."""
+        if self.learns_qparams:
+            return (Q.round_to_dtype(self.scales, self.scale_dtype),
+                    Q.round_to_dtype(self.biases, self.scale_dtype))
+        s, b = Q.minmax_params(mx.stop_gradient(self.weight), self.bits, self.group_size,
+                               self.scale_dtype)
+        return mx.stop_gradient(s), mx.stop_gradient(b)
+
+    def dequantized_weight(self) -> mx.array:
+        if self.trainable_parameters():
+            s, b = self.qparams()
+            return Q.fake_quantize(self.weight, s, b, self.bits, self.group_size)
+        # Frozen (embeddings, lm_head, a finished stage): quantize once, not every step.
+        # The cache holds the arrays it was made from; any replaced array invalidates it.
+        # (Gradient code must not pass the model as an argument to mx.value_and_grad: it
+        # swaps the arrays inside for tracer copies, a miss here on every step.)
+        key = (self.weight, self.get("scales"), self.get("biases"))
+        cached = getattr(self, "_dq_cache", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            object.__setattr__(self, "_dq_cache", (key, self._quantize_frozen()))
+            cached = self._dq_cache
+        return cached[1]
+
+    def _quantize_frozen(self) -> mx.array:
+        s, b = self.qparams()
+        w = mx.stop_gradient(Q.fake_quantize(self.weight, s, b, self.bits, self.group_size))
+        mx.eval(w)
+        return w
+
+    def packed(self) -> dict:
+        """{'weight': uint32 codes, 'scales', 'biases'} in the export dtype."""
+        w = mx.stop_gradient(self.weight)
+        s, b = (mx.stop_gradient(x) for x in self.qparams())
+        q = Q.codes(w, s, b, self.bits, self.group_size)
+        dtype = self.scale_dtype or w.dtype
+        return {"weight": Q.pack(q, self.bits), "scales": s.astype(dtype),
+                "biases": b.astype(dtype)}
+
+
+class QuantLinear(FakeQuant):
+    """y = x @ fake_quant(W).T + bias."""
+
+    def __init__(self, weight, bias=None, **kw):
+        super().__init__(weight, **kw)
+        if bias is not None:
+            self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, **kw) -> "QuantLinear":
+        return cls(linear.weight, linear.get("bias"), bits=bits, group_size=group_size, **kw)
+
+    def __call__(self, x):
+        y = x @ self.dequantized_weight().astype(x.dtype).T
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    def packed(self) -> dict:
+        out = super().packed()
+        if "bias" in self:
+            out["bias"] = self.bias
+        return out
+
+    def to_quantized(self) -> nn.QuantizedLinear:
+        """The `nn.QuantizedLinear` that computes the same function."""
+        out_dims, in_dims = self.weight.shape
+        layer = nn.QuantizedLinear(in_dims, out_dims, bias="bias" in self,
+                                   group_size=self.group_size, bits=self.bits)
+        layer.update(self.packed())
+        return layer
+
+
+class QuantEmbedding(FakeQuant):
+    """Embedding lookup in fake_quant(W); `as_linear` serves a tied lm_head."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int, **kw):
+        return cls(emb.weight, bits=bits, group_size=group_size, **kw)
+
+    def __call__(self, ids):
+        return self.dequantized_weight()[ids]
+
+    def as_linear(self, x):
+        return x @ self.dequantized_weight().astype(x.dtype).T
+
+    def to_quantized(self) -> nn.QuantizedEmbedding:
+        num, dims = self.weight.shape
+        layer = nn.QuantizedEmbedding(num, dims, group_size=self.group_size, bits=self.bits)
+        layer.update(self.packed())
+        return layer
+
+
+def fake_quant_module(module: nn.Module, bits: int, group_size: int, latent_dtype=None,
+                      **kw) -> FakeQuant:
+    """The fake-quantized twin of an nn.Linear or nn.Embedding (its latent weight cast to
+    `latent_dtype` when given)."""
+    weight = module.weight if latent_dtype is None else module.weight.astype(latent_dtype)
+    if isinstance(module, nn.Linear):
+        return QuantLinear(weight, module.get("bias"), bits=bits, group_size=group_size, **kw)
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding(weight, bits=bits, group_size=group_size, **kw)
+    raise TypeError(f"cannot quantize a {type(module).__name__}")

@@ -1,0 +1,74 @@
+"""Recipes: TOML files that say how each component is quantized and how stages train.
+
+[quant] holds the default bits / group_size of the vision, projector and language
+linears; [quant.<component>] (vision, projector, language, embeddings, lm_head)
+overrides one component, and [quant.overrides] maps module-path globs to a setting
+or "none" (keep float). Later stages read their own sections ([stage1], ...).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from ..errors import SpeedQError
+
+COMPONENTS = ("vision", "projector", "language", "embeddings", "lm_head")
+# Components that follow [quant] bits/group_size (and the CLI's --bits/--group-size).
+MAIN_COMPONENTS = ("vision", "projector", "language")
+
+
+def load_recipe(path: Path) -> dict:
+    """Parse and validate a recipe file; errors name the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpeedQError(f"recipe file not found: {path}")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpeedQError(f"cannot parse recipe {path}: {e}") from None
+    quant = recipe.get("quant", {})
+    allowed = {"bits", "group_size", "overrides", *COMPONENTS}
+    unknown = set(quant) - allowed
+    if unknown:
+        raise SpeedQError(
+            f"recipe {path}: unknown key(s) in [quant]: {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+    recipe["path"] = str(path)
+    return recipe
+
+
+def _setting(value, where: str):
+    """A {bits, group_size} table -> (bits, group_size); "none" / false -> None."""
+    if value in ("none", False, None):
+        return None
+    if isinstance(value, dict) and set(value) <= {"bits", "group_size"} and "bits" in value:
+        if value["bits"] in ("none", 0):
+            return None
+        return int(value["bits"]), int(value.get("group_size", 64))
+    raise SpeedQError(f"{where}: expected {{bits = N, group_size = G}} or \"none\", got {value!r}")
+
+
+def component_settings(recipe: dict, bits: int | None = None, group_size: int | None = None) -> dict:
+    """component -> (bits, group_size) or None.
+
+    CLI bits/group_size replace [quant]'s defaults; explicit [quant.<component>] tables win.
+    """
+    quant = recipe.get("quant", {})
+    base_bits = bits if bits is not None else quant.get("bits", 4)
+    base_group = group_size if group_size is not None else quant.get("group_size", 64)
+    out = {}
+    for comp in COMPONENTS:
+        if comp in quant:
+            out[comp] = _setting(quant[comp], f"{recipe.get('path', 'recipe')} [quant.{comp}]")
+        else:
+            out[comp] = (int(base_bits), int(base_group)) if comp in MAIN_COMPONENTS else (4, 32)
+    return out
+
+
+def overrides(recipe: dict) -> dict:
+    """module-path glob -> (bits, group_size) or None, in file order."""
+    raw = recipe.get("quant", {}).get("overrides", {})
+    return {pat: _setting(v, f"{recipe.get('path', 'recipe')} [quant.overrides] {pat!r}")
+            for pat, v in raw.items()}

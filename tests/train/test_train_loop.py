@@ -1,0 +1,68 @@
+"""The shared train loop keeps the checkpoint with the lowest held-out loss (model
+selection for stages 2 and 3), across an interruption too."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from speedq_mlx.run import RunFolder
+from speedq_mlx.train.loop import TrainConfig, train
+
+CFG = TrainConfig(steps=12, lr=0.1, warmup=0.0, weight_decay=0.0, grad_clip=0.0, batch=1,
+                  checkpoint_every=2)
+
+
+def _setup(val_target: float):
+    """A 4-weight model trained towards 1.0 from 0.0; held out, the best weight is val_target."""
+    model = nn.Linear(4, 1, bias=False)
+    model.weight = mx.zeros((1, 4))
+
+    def loss_fn(m, batch):
+        return ((m.weight - 1.0) ** 2).mean(), {}, 1.0
+
+    def held_out():
+        return float(((model.weight - val_target) ** 2).mean())
+
+    return model, loss_fn, held_out
+
+
+def _rows(run_dir):
+    return [json.loads(l) for l in (run_dir / "s_log.jsonl").read_text().splitlines()]
+
+
+def test_training_that_only_hurts_held_out_ends_where_it_started(tmp_path):
+    model, loss_fn, held_out = _setup(-0.2)
+    res = train(model, loss_fn, lambda step: mx.zeros(1), CFG, RunFolder(tmp_path), "s", log=lambda *a: None,
+                held_out=held_out)
+    assert res["best_step"] == 0 and res["held_out_loss"] == pytest.approx(0.04)
+    assert mx.array_equal(model.weight, mx.zeros((1, 4)))
+    # every checkpoint was scored, and training did move away from the start
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows if "held_out_loss" in r] == list(range(2, 13, 2))
+    assert rows[-1]["held_out_loss"] > 0.5
+
+
+def test_best_checkpoint_in_the_middle_survives_an_interruption(tmp_path):
+    model, loss_fn, held_out = _setup(0.5)
+    full = train(model, loss_fn, lambda step: mx.zeros(1), CFG, RunFolder(tmp_path / "full"), "s", log=lambda *a: None,
+                 held_out=held_out)
+    assert 0 < full["best_step"] < CFG.steps
+    assert held_out() == pytest.approx(full["held_out_loss"])  # the model holds the best step
+    assert full["held_out_loss"] < _rows(tmp_path / "full")[-1]["held_out_loss"]
+
+    model, loss_fn, held_out = _setup(0.5)
+
+    def stop(step):
+        if step == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, loss_fn, lambda step: mx.zeros(1), CFG, RunFolder(tmp_path / "cut"), "s", log=lambda *a: None,
+              on_step=stop, held_out=held_out)
+    model, loss_fn, held_out = _setup(0.5)
+    res = train(model, loss_fn, lambda step: mx.zeros(1), CFG, RunFolder(tmp_path / "cut", resume=True), "s",
+                log=lambda *a: None, held_out=held_out)
+    assert res["best_step"] == full["best_step"]
+    assert held_out() == pytest.approx(full["held_out_loss"])
