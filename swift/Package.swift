@@ -17,7 +17,13 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/ml-explore/mlx-swift", .upToNextMinor(from: "0.31.6")),
-        .package(url: "https://github.com/ml-explore/mlx-swift-lm", .upToNextMajor(from: "3.31.3")),
+        // a main commit (3.31.4 + 114): the sources use API that no tag has yet (3.31.4 lacks
+        // PrefillParameters and LanguageModel's prepare(_:cache:state:prefill:); 3.31.3 also
+        // ropeOffset, applyRotaryPosition(_:to:offset:), addToolMetadata(to:for:)).
+        // swift/api/mlx-swift-lm.api lists this commit's API (tests/swift/test_swift_api.py).
+        .package(
+            url: "https://github.com/ml-explore/mlx-swift-lm",
+            revision: "14414441fa44f45eee35a61e9fa0bab577cf9734"),
         // tokenizer.json / chat_template.jinja loading (through MLXHuggingFace's macro)
         .package(url: "https://github.com/huggingface/swift-transformers", from: "1.3.0"),
     ],
