@@ -25,7 +25,7 @@ from .export.artifact import check_output, write_artifact
 from .model import io as model_io
 from .model import registry
 from .quant.plan import apply_plan, build_plan, select
-from .quant.recipe import component_settings, load_recipe, overrides
+from .quant.recipe import check_format_flags, component_settings, load_recipe, overrides
 from .run import Run
 from .stages.common import StageConfig
 from .stages.stage1_vision import Stage1Config, calibration_pixels, load_stage1, run_stage1
@@ -120,6 +120,7 @@ def check_inputs(args: QuantizeArgs, log) -> tuple[QuantizeArgs, tuple, list | N
         raise SpeedQError(f"unknown method {args.method!r} (available: {', '.join(METHODS)})")
     if not 0 <= args.val_fraction < 1:
         raise SpeedQError(f"--held-out must be in [0, 1), got {args.val_fraction}")
+    check_format_flags(args.bits, args.group_size)
     model_io.parse_dtype(args.dtype)
     model_io.parse_dtype(args.compute_dtype)
     check_output(args.output, args.overwrite)
@@ -150,6 +151,7 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
         shutil.rmtree(run_dir)
     source, name = model_io.resolve_source(args.model)
     recipe = read_recipe(args.recipe or registry.default_recipe(name, args.bits), args, stages)
+    overrides(recipe.raw)  # every setting of the recipe is checked before the model loads
     dist.check_batches(recipe.batches())  # under mlx.launch: batches must split over the ranks
     run = Run.open(source, run_dir, args.resume, compute_dtype=model_io.parse_dtype(args.compute_dtype),
                    out_dtype=model_io.parse_dtype(args.dtype), seed=args.seed, log=log)

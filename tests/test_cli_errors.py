@@ -42,8 +42,9 @@ def odd_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("args,match", [
     (["-m", "no-such-model", "-b", "2"], "unknown model name 'no-such-model'; known names: internvl2-1b"),
     (["-m", "./missing/folder", "-b", "2"], "model folder not found"),
-    (["-m", "{ckpt}", "-b", "7"], "bits=7"),
-    (["-m", "{ckpt}", "-b", "2", "-g", "16"], "group_size=16"),
+    (["-m", "{ckpt}", "-b", "7"], "--bits 7 is not supported by MLX affine quantization (choose one of 2, 3, 4, 5, 6, 8)"),
+    (["-m", "no-such-model", "-b", "7"], "--bits 7 is not supported"),  # the flag, before any model
+    (["-m", "{ckpt}", "-b", "2", "-g", "16"], "--group-size 16 is not supported"),
     (["-m", "{ckpt}", "-b", "2", "--method", "gptq"], "unknown method"),
     (["-m", "{ckpt}", "-b", "2", "--dtype", "int8"], "unknown dtype"),
     (["-m", "{ckpt}", "-b", "2", "--method", "speedq", "--held-out", "1"], "--held-out must be in [0, 1), got 1.0"),
@@ -112,3 +113,16 @@ def test_usage_errors_are_short_not_tracebacks(args, match, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 2
     assert match in err and "Traceback" not in err and "site-packages" not in err
+
+
+@pytest.mark.parametrize("table, where", [
+    ("[quant.language]\nbits = 7\n", "[quant.language]: bits = 7, group_size = 64 is not supported"),
+    ("[quant.overrides]\n\"mlp1.*\" = { bits = 4, group_size = 16 }\n", "[quant.overrides] 'mlp1.*': bits = 4, group_size = 16"),
+    ("[quant]\nbits = 9\n", "[quant]: bits = 9, group_size = 64 is not supported"),
+])
+def test_recipe_setting_mlx_cannot_hold_names_the_recipe_key(tiny_ckpt, tmp_path, capsys, table, where):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(table)
+    code, out, err = run_cli(["quantize", "--method", "rtn", "-m", tiny_ckpt, "--recipe", recipe,
+                              "-o", tmp_path / "out"], capsys)
+    _assert_refused(code, out, err, tmp_path, where)

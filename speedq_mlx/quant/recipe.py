@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 from ..errors import SpeedQError
+from .format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 COMPONENTS = ("vision", "projector", "language", "embeddings", "lm_head")
 # Components that follow [quant] bits/group_size (and the CLI's --bits/--group-size).
@@ -39,6 +40,24 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
+def check_format_flags(bits: int | None, group_size: int | None) -> None:
+    """--bits / --group-size values MLX's affine format cannot hold, refused before any work."""
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise SpeedQError(f"--bits {bits} is not supported by MLX affine quantization "
+                          f"(choose one of {', '.join(map(str, SUPPORTED_BITS))})")
+    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        raise SpeedQError(f"--group-size {group_size} is not supported by MLX affine quantization "
+                          f"(choose one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))})")
+
+
+def _checked(bits: int, group: int, where: str) -> tuple[int, int]:
+    if bits not in SUPPORTED_BITS or group not in SUPPORTED_GROUP_SIZES:
+        raise SpeedQError(f"{where}: bits = {bits}, group_size = {group} is not supported by MLX "
+                          f"affine quantization (bits {', '.join(map(str, SUPPORTED_BITS))}; "
+                          f"group_size {', '.join(map(str, SUPPORTED_GROUP_SIZES))})")
+    return bits, group
+
+
 def _setting(value, where: str):
     """A {bits, group_size} table -> (bits, group_size); "none" / false -> None."""
     if value in ("none", False, None):
@@ -46,7 +65,7 @@ def _setting(value, where: str):
     if isinstance(value, dict) and set(value) <= {"bits", "group_size"} and "bits" in value:
         if value["bits"] in ("none", 0):
             return None
-        return int(value["bits"]), int(value.get("group_size", 64))
+        return _checked(int(value["bits"]), int(value.get("group_size", 64)), where)
     raise SpeedQError(f"{where}: expected {{bits = N, group_size = G}} or \"none\", got {value!r}")
 
 
@@ -55,15 +74,19 @@ def component_settings(recipe: dict, bits: int | None = None, group_size: int | 
 
     CLI bits/group_size replace [quant]'s defaults; explicit [quant.<component>] tables win.
     """
+    check_format_flags(bits, group_size)
     quant = recipe.get("quant", {})
     base_bits = bits if bits is not None else quant.get("bits", 4)
     base_group = group_size if group_size is not None else quant.get("group_size", 64)
+    where = recipe.get("path", "recipe")
     out = {}
     for comp in COMPONENTS:
         if comp in quant:
-            out[comp] = _setting(quant[comp], f"{recipe.get('path', 'recipe')} [quant.{comp}]")
+            out[comp] = _setting(quant[comp], f"{where} [quant.{comp}]")
+        elif comp in MAIN_COMPONENTS:
+            out[comp] = _checked(int(base_bits), int(base_group), f"{where} [quant]")
         else:
-            out[comp] = (int(base_bits), int(base_group)) if comp in MAIN_COMPONENTS else (4, 32)
+            out[comp] = (4, 32)
     return out
 
 
