@@ -323,7 +323,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from speedq_mlx.blas import reexec_with_openblas
-
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.distributed"])
     main()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from speedq_mlx.blas import reexec_with_openblas
 
 
 def build(config: dict):
@@ -144,5 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.qat_step"])
     main()

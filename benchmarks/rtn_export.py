@@ -30,7 +30,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "rtn_export.json"
 TARGET_MB = 380
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 COMPONENTS = ("vision", "projector", "language", "embeddings", "lm_head", "other")
 
 # name -> (description, --bits, recipe TOML text or None for the model's default recipe)
@@ -64,9 +63,7 @@ def cli() -> list[str]:
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
-    if Path(OPENBLAS).is_file() and "libopenblas" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = ":".join(filter(None, [OPENBLAS, env.get("LD_PRELOAD", "")]))
+    env = dict(os.environ)  # (the children load a fast BLAS themselves: speedq_mlx/blas.py)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from speedq_mlx.blas import reexec_with_openblas
 
 PROMPTS = [
     "What is the capital of France?", "Explain what a rainbow is.", "Give three tips for staying healthy.",
@@ -194,5 +192,4 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.stage3_ablation"])
     main()

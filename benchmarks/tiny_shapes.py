@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from speedq_mlx.blas import reexec_with_openblas
 
 RUNS = {
     "rtn-w2": ["--method", "rtn", "--bits", "2"],
@@ -66,7 +65,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.test_scenes < 0:
         ap.error("--test-scenes must be 0 (the bundled test file) or a positive number of scenes")
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.tiny_shapes"])
 
     from speedq_mlx.cli import main as cli
     from speedq_mlx.evaluation.evaluate import EvalOptions, evaluate

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 
-from speedq_mlx.blas import reexec_with_openblas
 
 
 def main() -> None:
@@ -139,5 +137,4 @@ def _time_steps(vcfg, cfg, n: int = 3) -> float:
 
 
 if __name__ == "__main__":
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.vision_stage"])
     main()

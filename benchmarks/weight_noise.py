@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from speedq_mlx.blas import reexec_with_openblas
 
 
 def main() -> None:
@@ -29,7 +27,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "weight_noise.json")
     a = ap.parse_args()
-    reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "benchmarks.weight_noise"])
 
     import mlx.core as mx
     import mlx.nn as nn

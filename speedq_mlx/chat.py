@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SpeedQError
+from .errors import SpeedQError, one_line
 
 
 def render_prompt(processor, messages: list[dict]) -> str:
@@ -25,7 +25,10 @@ def load(folder: Path):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SpeedQError(f"{folder} is not a model folder (no config.json)")
-    return vlm_load(str(folder))
+    try:
+        return vlm_load(str(folder))
+    except Exception as e:  # noqa: BLE001  (what mlx-vlm raises on a folder it cannot load)
+        raise SpeedQError(f"cannot load {folder} with mlx-vlm: {one_line(e)}") from None
 
 
 def reply(model, processor, messages, image=None, max_tokens=256, temperature=0.0, on_text=None):

@@ -1,4 +1,4 @@
-"""speedq-mlx command line: quantize, inspect, chat, eval, compare."""
+"""speedq-mlx command line: quantize, inspect, chat, serve, eval, compare."""
 
 from __future__ import annotations
 
@@ -131,6 +131,36 @@ def chat(
               write=lambda *a, **k: typer.echo(*a, nl=k.get("end", "\n") == "\n"))
 
 
+@app.command()
+def serve(
+    folder: Path = typer.Argument(..., help="Artifact folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8080, "--port", "-p"),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the folder name)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="New tokens when a request sets no max_tokens."),
+    max_images: int = typer.Option(6, "--max-images", help="Images per request, at most."),
+    local_images: Optional[bool] = typer.Option(None, "--local-images/--no-local-images",
+                                                help="Accept local file paths as image_url (default: "
+                                                     "only when listening on a loopback address)."),
+):
+    """An OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) that
+    prompts the model in its own chat template."""
+    from .serve.app import check_port, serve as run_server
+    from .serve.engine import Engine
+
+    if not 1 <= port <= 65535:
+        raise SpeedQError(f"--port must be in 1..65535, got {port}")
+    if max_tokens < 1 or max_images < 0:
+        raise SpeedQError("--max-tokens must be at least 1 and --max-images at least 0")
+    check_port(host, port)  # before the model loads
+    if local_images is None:
+        local_images = host in ("127.0.0.1", "localhost", "::1")
+    typer.echo(f"loading {folder}", err=True)
+    engine = Engine(folder, name, allow_local_images=local_images, max_images=max_images,
+                    max_tokens=max_tokens)
+    run_server(engine, host, port, log=lambda m: typer.echo(m, err=True))
+
+
 # Options shared by eval and compare.
 _TEXT = typer.Option(None, "--text", help="Text file (or folder of .txt / JSONL with 'text'): perplexity, KL, top-1 agreement.")
 _VQA = typer.Option(None, "--vqa", help="VQA JSON/JSONL of {image, question, answer|answers}: accuracy.")
@@ -185,6 +215,7 @@ def eval_cmd(
     vqa = _bundled_vqa(reference, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                          max_tokens, speed_tokens, max_tiles, compute_dtype)
+    _note_slow_blas()
     result = evaluate(model, reference, opts, log=lambda m: typer.echo(m, err=True))
     typer.echo(format_table(result))
     if json_out:
@@ -213,18 +244,26 @@ def compare(
     vqa = _bundled_vqa(model, text, vqa, data)
     opts = _eval_options(text, vqa, data, image_root, max_samples, text_tokens, text_windows, batch_size,
                          max_tokens, speed_tokens, max_tiles, compute_dtype)
+    _note_slow_blas()
     summary = run_compare(model, parse_runs(run or []), out, opts, parse_quantize_flags, reuse=reuse,
                           overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     typer.echo(markdown(summary))
     typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: OpenBLAS on Linux, one-line errors, exit code 2 for bad input."""
-    from .blas import reexec_with_openblas
+def _note_slow_blas() -> None:
+    """One line on stderr when the work ahead would run on MLX's slow reference BLAS."""
+    from .blas import slow_blas_note
 
+    note = slow_blas_note()
+    if note:
+        typer.echo(note, err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors, exit code 2 for bad input (the fast BLAS is loaded by
+    importing speedq_mlx, see blas.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    reexec_with_openblas(argv)
     _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False, prog_name="speedq-mlx")

@@ -11,12 +11,14 @@ float in the plan is rounded to nearest; the artifact is written.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
+from .blas import slow_blas_note
 from .data.images import find_images
 from .data.sources import DataOptions, calibration_batches, training_data
 from .errors import SpeedQError
@@ -155,6 +157,9 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     dist.check_batches(recipe.batches())  # under mlx.launch: batches must split over the ranks
     run = Run.open(source, run_dir, args.resume, compute_dtype=model_io.parse_dtype(args.compute_dtype),
                    out_dtype=model_io.parse_dtype(args.dtype), seed=args.seed, log=log)
+    note = slow_blas_note()
+    if note and dist.is_main():
+        print(note, file=sys.stderr)
     t0 = time.time()
     log(f"loading {source} ({args.compute_dtype})")
     model = model_io.load_model(source, run.compute_dtype, run.image_token)

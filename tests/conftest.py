@@ -1,29 +1,15 @@
 """Shared fixtures: tiny InternVL-layout checkpoints built locally (no network)."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from speedq_mlx.blas import reexec_with_openblas
+import speedq_mlx  # noqa: F401  (first: loads a fast BLAS before mlx.core, see speedq_mlx/blas.py)
 from speedq_mlx.model.synthetic import build_tiny_checkpoint
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def pytest_configure(config):
-    """Like the CLI, run the session with OpenBLAS under MLX's Linux CPU build (~40x faster
-    matmuls); then keep the CLI, called in-process by tests, from re-executing."""
-    if os.path.basename(sys.argv[0]) in ("pytest", "__main__.py", "py.test"):
-        capman = config.pluginmanager.getplugin("capturemanager")
-        if capman is not None:
-            capman.suspend_global_capture(in_=True)  # give the new process the real stdout
-        reexec_with_openblas(sys.argv[1:], [sys.executable, "-m", "pytest"])
-        if capman is not None:
-            capman.resume_global_capture()
-    os.environ["SPEEDQ_NO_OPENBLAS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -228,9 +228,6 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     import sys
 
-    from speedq_mlx.blas import reexec_with_openblas
-
-    reexec_with_openblas(sys.argv[1:] if argv is None else argv, [sys.executable, "-m", "devkit.tiny_shapes.train"])
     try:
         rep = train(a.out, a.run_dir, a.steps, a.batch, a.lr, a.seed, a.resume, init_from=a.init_from,
                     vision=a.vision, language=a.language)
