@@ -16,9 +16,9 @@ def _text_logits(model, ids):
     return np.array(model.language_model(mx.array([ids])).logits[0].astype(mx.float32))
 
 
-def _rtn(ckpt, bits):
+def _rtn(ckpt, bits, group=64):
     model = model_io.load_model(ckpt, mx.float32)
-    settings = {"vision": (bits, 64), "projector": (bits, 64), "language": (bits, 64),
+    settings = {"vision": (bits, group), "projector": (bits, group), "language": (bits, group),
                 "embeddings": (4, 32), "lm_head": (4, 32)}
     apply_plan(model, build_plan(model, settings), scale_dtype=mx.float16)
     return model
@@ -36,13 +36,14 @@ def test_rtn_top1_agreement_4bit_high_2bit_worse(smollm_ckpt):
     assert len(ids) >= 150
     ref = _text_logits(model_io.load_model(smollm_ckpt, mx.float32), ids)
     stats = {}
-    for bits in (4, 3, 2):
-        got = _text_logits(_rtn(smollm_ckpt, bits), ids)
-        stats[bits] = ((got.argmax(-1) == ref.argmax(-1)).mean(), _kl(ref, got))
+    for bits, group in ((4, 32), (4, 64), (3, 64), (2, 64)):
+        got = _text_logits(_rtn(smollm_ckpt, bits, group), ids)
+        stats[bits if group == 64 else "4g32"] = ((got.argmax(-1) == ref.argmax(-1)).mean(), _kl(ref, got))
     print("RTN on SmolLM2-135M (top-1 agreement, KL):", stats)
-    # Measured (150 tokens): 4-bit 0.73 / KL 0.31, 3-bit 0.39 / 2.0, 2-bit 0.0 / 10.3.
-    # mlx's own nn.quantize gives the same 4-bit g64 figures on this model: SmolLM2-135M's
-    # weights sit on a 4-bit g32 grid, and re-gridding them at g64 costs that much.
-    assert stats[4][0] > 0.65 and stats[4][1] < 0.5
+    # SmolLM2-135M's linears already sit on a 4-bit g32 grid (its GGUF is Q4_1): 4-bit g32
+    # re-quantization is a lossless re-grid (only the embeddings, Q8_0 in the file, move), and
+    # g64 costs what re-gridding does; the real 4-bit check is on Qwen2.5 (benchmarks/peers.py).
+    assert stats["4g32"][0] >= 0.85
+    assert stats[4][0] >= 0.7 and stats[4][1] < 0.5
     assert stats[2][0] < 0.2 and stats[2][1] > 5  # 2-bit RTN collapses
     assert stats[4][1] < stats[3][1] < stats[2][1]
