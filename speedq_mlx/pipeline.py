@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .blas import slow_blas_note
 from .data.images import find_images
-from .data.sources import DataOptions, calibration_batches, training_data
+from .data.sources import DataOptions, calibration_batches, training_data, with_text_windows
 from .errors import SpeedQError
 from .evaluation.evaluate import EvalOptions
 from .export.artifact import check_output, write_artifact
@@ -154,6 +154,9 @@ def quantize(args: QuantizeArgs, log=print) -> Path:
     source, name = model_io.resolve_source(args.model)
     recipe = read_recipe(args.recipe or registry.default_recipe(name, args.bits), args, stages)
     overrides(recipe.raw)  # every setting of the recipe is checked before the model loads
+    if recipe.stage3 and recipe.stage3.text_windows and not args.text:
+        raise SpeedQError(f"recipe {recipe.path}: [stage3] text_windows = {recipe.stage3.text_windows} "
+                          "trains on --text windows; pass --text FILE (or set text_windows = 0)")
     dist.check_batches(recipe.batches())  # under mlx.launch: batches must split over the ranks
     run = Run.open(source, run_dir, args.resume, compute_dtype=model_io.parse_dtype(args.compute_dtype),
                    out_dtype=model_io.parse_dtype(args.dtype), seed=args.seed, log=log)
@@ -201,6 +204,7 @@ def quantize_model(run: Run, model, plan: dict, recipe: Recipe, stages: tuple,
         if 3 in stages:
             cfg = recipe.stage3
             calib = calibration_batches(run, opts.text, data, cfg.clip_tokens, cfg.clip_windows)
+            data = with_text_windows(run, data, opts.text, cfg.text_windows, cfg.text_tokens, opts.held_out)
             prepare_stage3(model, plan, cfg, run.out_dtype)
             run_stage3(run, model, teacher, plan, data, calib, cfg)
         del teacher

@@ -15,7 +15,7 @@ from ..model import internvl
 from ..run import Run
 from ..train import distributed as dist
 from . import hf
-from .encode import collate, encoder, iter_samples, split
+from .encode import Sample, collate, encoder, iter_samples, split
 from .images import find_images
 from .records import Record, load_conversations
 from .text import load_text, record_texts, token_windows
@@ -64,6 +64,25 @@ def training_data(run: Run, opts: DataOptions, teacher) -> TrainData:
     run.log(f"data: {len(samples)} training samples, {len(held_out)} held out (each stage keeps "
             "its checkpoint with the lowest held-out loss)")
     return TrainData(samples, held_out, records)
+
+
+def with_text_windows(run: Run, data: TrainData, text_file, n_windows: int, n_tokens: int,
+                      held_out: float) -> TrainData:
+    """`data` plus `n_windows` windows of `n_tokens` tokens of --text as training samples (every
+    next token scored: plain-text distillation), a share of them held out like the records."""
+    if not n_windows:
+        return data
+    if not text_file:
+        raise SpeedQError("the recipe's [stage3] text_windows needs --text FILE")
+    windows = token_windows(load_text(text_file), run.tokenizer, n_tokens, n_windows, run.seed + 1)
+    samples = [Sample(w, [1] * len(w), None, [], f"{text_file}:window {i}")
+               for i, w in enumerate(windows.tolist())]
+    n_val = 0 if held_out == 0 else max(1, round(len(samples) * held_out))
+    if len(samples) - n_val < 1:
+        raise SpeedQError(f"{len(samples)} text window(s) cannot be split into training and held-out")
+    run.log(f"data: + {len(samples) - n_val} text windows of {n_tokens} tokens for stage 3, "
+            f"{n_val} held out")
+    return TrainData(data.samples + samples[n_val:], data.held_out + samples[:n_val], data.records)
 
 
 def training_records(run: Run, opts: DataOptions, teacher) -> list:

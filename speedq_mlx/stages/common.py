@@ -19,8 +19,10 @@ from . import losses as L
 from .teacher import estimate_gamma
 
 STAGE_KEYS = ("distill", "distill_weight", "ce_weight", "label_smoothing", "gamma_batches",
-              "teacher", "topk", "learn_qparams", "clip_init", "clip_skip",
-              "train_projector", "grad_checkpoint", "clip_tokens", "clip_windows")
+              "teacher", "topk", "learn_qparams", "clip_init", "clip_skip", "init",
+              "train_projector", "grad_checkpoint", "clip_tokens", "clip_windows",
+              "text_windows", "text_tokens")
+INITS = ("clip", "gptq", "none")
 
 
 @dataclass
@@ -34,10 +36,13 @@ class StageConfig:
     teacher: str = "live"             # live | cached (top-k logits on disk)
     topk: int = 64
     learn_qparams: bool = False       # learn scales/biases, or recompute min/max each step
-    clip_init: bool = True
+    clip_init: bool = True            # false: init = "none"
     clip_skip: list = field(default_factory=lambda: ["q_proj", "k_proj"])
+    init: str = "clip"                # clip (the paper's search) | gptq (+ error compensation) | none
     clip_tokens: int = 512            # calibration text window length (paper: 128 x 512)
     clip_windows: int = 128
+    text_windows: int = 0             # --text windows added to stage 3's training samples
+    text_tokens: int = 512
     train_projector: bool = True
     grad_checkpoint: bool = False
 
@@ -51,7 +56,16 @@ class StageConfig:
             raise SpeedQError(f"recipe [{name}] teacher must be 'live' or 'cached', got {cfg.teacher!r}")
         if cfg.distill not in ("cakld", "forward", "reverse"):
             raise SpeedQError(f"recipe [{name}] distill must be cakld, forward or reverse")
+        if cfg.init not in INITS:
+            raise SpeedQError(f"recipe [{name}] init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+        if cfg.text_windows < 0 or cfg.text_tokens < 2:
+            raise SpeedQError(f"recipe [{name}] text_windows must be >= 0 and text_tokens >= 2")
         return cfg
+
+    @property
+    def start(self) -> str:
+        """How the latent weights start: clip, gptq or none."""
+        return self.init if self.clip_init else "none"
 
 
 def collate(samples: list, pad_id: int, topk: list | None = None) -> dict:

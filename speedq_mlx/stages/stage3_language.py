@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..errors import SpeedQError
 from ..quant.clip import clip_init
+from ..quant.gptq import gptq_init
 from ..quant.layers import QuantLinear
 from ..quant.plan import select
 from ..run import Run
@@ -44,16 +45,19 @@ def run_stage3(run: Run, model, teacher, plan: dict, data: TrainData, calib_batc
     topk = None
     if cfg.teacher == "cached" and cfg.distill_weight:
         topk = teacher_topk_cache(teacher, data.samples, cfg.topk, run.folder, run.image_token)
-    if cfg.clip_init:
-        layers = {p: s for p, s in select(plan, *TRAINED).items() if s is not None}
-        stats = clip_init(model, layers, cfg.clip_skip, calib_batches, run.image_token,
-                          run.compute_dtype, run.out_dtype, run.log)
-        run.folder.write_json("clip_init.json", stats, indent=1)
+    layers = {p: s for p, s in select(plan, *TRAINED).items() if s is not None}
+    if cfg.start != "none":
+        init = {"clip": clip_init, "gptq": gptq_init}[cfg.start]
+        stats = init(model, layers, cfg.clip_skip, calib_batches, run.image_token, run.compute_dtype,
+                     run.out_dtype, run.log)
+        run.folder.write_json(f"{cfg.start}_init.json", stats, indent=1)
     model.freeze()
     for p, m in model.named_modules():
         if isinstance(m, QuantLinear) and p.startswith("language_model.model.layers."):
             m.unfreeze()  # latent weight, float bias, and learnable scales/biases if any
             # (embeddings and lm_head stay frozen: quantized once, as the method has it)
+            if not cfg.learn_qparams and m.learns_qparams:
+                m.freeze(keys=["scales", "biases"])  # GPTQ's grid, kept fixed
     if cfg.train_projector:
         unfreeze_projector(model)
     if cfg.grad_checkpoint:

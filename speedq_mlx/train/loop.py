@@ -35,6 +35,7 @@ class TrainConfig:
     batch: int = 4
     checkpoint_every: int = 50
     seed: int = 0
+    qparams_lr: float | None = None  # learning rate of learned scales/biases (default: lr)
 
     @classmethod
     def from_section(cls, section: dict, name: str, extra: tuple = ()) -> "TrainConfig":
@@ -45,10 +46,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in section.items() if k in known})
 
 
-def schedule(cfg: TrainConfig):
+def schedule(cfg: TrainConfig, lr: float | None = None):
+    """Linear warm-up from lr/100, then cosine decay to lr/100."""
+    lr = cfg.lr if lr is None else lr
     warm = max(1, int(cfg.warmup * cfg.steps))
-    decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warm), end=cfg.lr * 0.01)
-    return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
+    decay = optim.cosine_decay(lr, max(1, cfg.steps - warm), end=lr * 0.01)
+    return optim.join_schedules([optim.linear_schedule(lr * 0.01, lr, warm), decay], [warm])
+
+
+def optimizer(cfg: TrainConfig):
+    """AdamW; with qparams_lr, learned scales/biases get their own (on the same schedule)."""
+    weights = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    if cfg.qparams_lr is None:
+        return weights
+    qparams = optim.AdamW(learning_rate=schedule(cfg, cfg.qparams_lr), weight_decay=0.0)
+    return optim.MultiOptimizer([qparams, weights], [lambda path, _: path.endswith((".scales", ".biases"))])
+
+
+def _lr(opt) -> float:
+    """The weights' learning rate now (the last optimizer of a MultiOptimizer)."""
+    return float(getattr(opt, "optimizers", [opt])[-1].learning_rate)
 
 
 def batch_order(n: int, step: int, batch: int, seed: int) -> list[int]:
@@ -134,7 +151,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
     """
     from tqdm import tqdm
 
-    opt = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    opt = optimizer(cfg)
     log_path = folder.file(f"{name}_log.jsonl")
     start = _resume(folder, name, model, opt, fingerprint, log_path)
     if start:
@@ -205,7 +222,7 @@ def _step(model, loss_fn, batch, opt, cfg: TrainConfig, step: int, name: str, fo
     mx.eval(model.trainable_parameters(), opt.state)
     dt = time.time() - t0
     return {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
-            "lr": float(opt.learning_rate), "grad_norm": gnorm, "tokens": int(n_tok),
+            "lr": _lr(opt), "grad_norm": gnorm, "tokens": int(n_tok),
             "tokens_per_s": round(n_tok / dt, 1)}
 
 

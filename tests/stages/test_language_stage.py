@@ -5,6 +5,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from speedq_mlx.data import encode as E, records as R
 from speedq_mlx.model import io as model_io
@@ -53,9 +54,10 @@ def _models(ckpt, tok, settings):
 W2 = {"vision": (4, 64), "projector": (4, 64), "language": (2, 64), "embeddings": (4, 32), "lm_head": (4, 32)}
 
 
-def _stage3(tmp, ckpt, tok, samples, steps=6, resume=False, log=None, **kw):
+def _stage3(tmp, ckpt, tok, samples, steps=6, resume=False, log=None, qparams_lr=None, **kw):
     student, teacher, plan, img = _models(ckpt, tok, W2)
-    cfg = StageConfig(train=TrainConfig(steps=steps, lr=3e-3, batch=2, checkpoint_every=3),
+    cfg = StageConfig(train=TrainConfig(steps=steps, lr=3e-3, batch=2, checkpoint_every=3,
+                                        qparams_lr=qparams_lr),
                       gamma_batches=2, clip_tokens=16, clip_windows=2, **kw)
     calib = [collate(samples[:4], tok.pad_token_id)]
     prepare_stage3(student, plan, cfg, None)
@@ -262,3 +264,43 @@ def test_frozen_quantized_layers_are_quantized_once(tiny_ckpt, setup, tmp_path, 
     ids = [i for i, _ in seen]
     assert len(ids) == len(set(ids)), "a frozen layer was quantized again"
     assert sorted(name for _, name in seen) == ["QuantEmbedding", "QuantLinear"]  # embeddings, lm_head
+
+
+def test_stage3_gptq_init_keeps_its_grid_and_exports_exactly(tiny_ckpt, setup, tmp_path):
+    """init = "gptq": the latent weights start on GPTQ's codes (every linear's calibration
+    output error below min/max round-to-nearest), the grid stays fixed during QAT when
+    scales are not learned, and the artifact computes what was trained."""
+    from mlx_vlm import load
+
+    tok, config, samples = setup
+    student, plan, _ = _stage3(tmp_path / "run", tiny_ckpt, tok, samples, steps=3, init="gptq")
+    stats = json.loads((tmp_path / "run" / "gptq_init.json").read_text())
+    language = [p for p, s in plan.items() if s and p.startswith("language_model.model.layers.")]
+    assert sorted(stats) == sorted(language)
+    assert all(v["gptq_error"] < v["rtn_error"] for v in stats.values())
+    m = dict(student.named_modules())[language[0]]
+    assert "scales" in m and not any(k.endswith(("scales", "biases")) for k, _ in tree_flatten(m.trainable_parameters()))
+    s, b = m.qparams()
+    grid = Q.dequantize(Q.codes(m.weight, s, b, m.bits, m.group_size), s, b, m.group_size)
+    assert float(mx.abs(grid - m.dequantized_weight()).max()) == 0.0
+    paths = set(quantized_paths(student))
+    apply_plan(student, {p: s for p, s in plan.items() if p not in paths}, scale_dtype=None)
+    out = write_artifact(tmp_path / "art", student, plan, config, tok, dtype=mx.float32)
+    loaded, _ = load(str(out))
+    batch = collate(samples[:1], tok.pad_token_id)
+    ref = vlm_logits(student, batch["input_ids"], batch["pixel_values"])
+    got = vlm_logits(loaded, batch["input_ids"], batch["pixel_values"])
+    assert float(mx.abs(got - ref).max()) < 1e-4 * float(mx.abs(ref).max())
+
+
+def test_learned_qparams_get_their_own_learning_rate(tiny_ckpt, setup, tmp_path):
+    """qparams_lr: the scales move at their own rate (0 keeps them where the init put them)."""
+    tok, _, samples = setup
+    student, plan, _ = _stage3(tmp_path / "run", tiny_ckpt, tok, samples, steps=3, init="clip",
+                               learn_qparams=True, qparams_lr=0.0)
+    stats = json.loads((tmp_path / "run" / "clip_init.json").read_text())
+    m = dict(student.named_modules())[sorted(stats)[0]]
+    fresh, _, _ = _stage3(tmp_path / "run0", tiny_ckpt, tok, samples, steps=0, init="clip", learn_qparams=True)
+    m0 = dict(fresh.named_modules())[sorted(stats)[0]]
+    np.testing.assert_array_equal(np.array(m.scales), np.array(m0.scales))
+    assert not np.array_equal(np.array(m.weight), np.array(m0.weight))  # the weights did train
