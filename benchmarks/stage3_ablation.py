@@ -117,6 +117,7 @@ def main():
     from speedq_mlx.quant.plan import apply_plan, build_plan, select
     from speedq_mlx.stages.common import StageConfig, collate
     from speedq_mlx.stages.stage3_language import TRAINED, run_stage3
+    from speedq_mlx.stages.teacher import Teacher
     from speedq_mlx.train.loop import TrainConfig
 
     ck = args.work / "smollm-internvl"
@@ -174,7 +175,8 @@ def main():
 
             shutil.rmtree(run_dir, ignore_errors=True)
             prepare_stage3(student, plan, cfg, mx.float16)
-            run_stage3(make_run(ck, run_dir), student, teacher, plan, TrainData(train_s), calib, cfg)
+            run_stage3(make_run(ck, run_dir), student, Teacher(lambda: teacher), plan, TrainData(train_s),
+                       calib, cfg)
         results[name] = {**evaluate(student, ref_logits, batches), "seconds": round(time.time() - t0, 1)}
         print(name, results[name], flush=True)
     out = {"model": "SmolLM2-135M-Instruct in InternVL layout", "bits": args.bits,

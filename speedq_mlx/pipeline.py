@@ -33,6 +33,7 @@ from .stages.common import StageConfig
 from .stages.stage1_vision import Stage1Config, calibration_pixels, load_stage1, run_stage1
 from .stages.stage2_projector import run_stage2
 from .stages.stage3_language import TRAINED, run_stage3
+from .stages.teacher import Teacher
 from .train import distributed as dist
 
 METHODS = ("speedq", "rtn")
@@ -197,8 +198,9 @@ def quantize_model(run: Run, model, plan: dict, recipe: Recipe, stages: tuple,
         run.log(f"stage 1: using the quantized vision tower in {run.folder.file('stage1')}")
     apply_plan(model, select(plan, "vision"), scale_dtype=run.out_dtype)
     if {2, 3} & set(stages):
-        teacher = model_io.load_model(run.source, run.compute_dtype, run.image_token)  # full precision
-        data = training_data(run, opts, teacher)
+        teacher = Teacher(lambda: model_io.load_model(run.source, run.compute_dtype, run.image_token))
+        text_only = 2 not in stages and bool(recipe.stage3.text_windows)
+        data = training_data(run, opts, teacher, text_only)
         if 2 in stages:
             run_stage2(run, model, teacher, data, recipe.stage2)
         if 3 in stages:
@@ -207,7 +209,7 @@ def quantize_model(run: Run, model, plan: dict, recipe: Recipe, stages: tuple,
             data = with_text_windows(run, data, opts.text, cfg.text_windows, cfg.text_tokens, opts.held_out)
             prepare_stage3(model, plan, cfg, run.out_dtype)
             run_stage3(run, model, teacher, plan, data, calib, cfg)
-        del teacher
+        teacher.release()
     apply_plan(model, plan, scale_dtype=run.out_dtype)
 
 

@@ -52,8 +52,12 @@ def _samples_fingerprint(samples: list) -> list:
     return [sum(s.input_ids) % 1000003 for s in samples] + [len(samples)]
 
 
-def training_data(run: Run, opts: DataOptions, teacher) -> TrainData:
-    """Records (see training_records), split and encoded for stages 2 and 3."""
+def training_data(run: Run, opts: DataOptions, teacher, text_only: bool = False) -> TrainData:
+    """Records (see training_records), split and encoded for stages 2 and 3; none when the
+    user gave no --data / --images and stage 3 trains on --text windows alone (text_only)."""
+    if text_only and opts.data is None and opts.images is None:
+        run.log("data: no conversations (--data / --images); stage 3 trains on --text windows")
+        return TrainData([], [], [])
     records = training_records(run, opts, teacher)
     train_records, val_records = split(records, opts.held_out, run.seed)
     enc = encoder(run.config, run.tokenizer, opts.max_tiles)
@@ -106,6 +110,7 @@ def _teacher_records(run: Run, opts: DataOptions, teacher) -> list:
 
     files = find_images(opts.images)
     files = files[:opts.max_samples] if opts.max_samples else files
+    teacher = teacher.model  # the full-precision model (a stages.teacher.Teacher loads it now)
     teacher.config.image_token_index = run.image_token
     records = None
     if dist.is_main():

@@ -26,6 +26,7 @@ from ..errors import SpeedQError
 from ..model import internvl
 from ..model import io as model_io
 from . import fidelity, vqa
+from .cpu_compute import use_fast_cpu_matmuls
 from . import generate
 
 SPEED_PROMPT = "Describe the image in detail."
@@ -105,9 +106,11 @@ def open_side(spec: str) -> Side:
 
 def load_weights(side: Side, dtype) -> None:
     """Load one side's model with the tokenizer's <IMG_CONTEXT> id (mlx-vlm's default is
-    wrong for InternVL2), computing in `dtype` (quantized layers keep their codes)."""
+    wrong for InternVL2), computing in `dtype` (quantized layers keep their codes; on a CPU
+    they take the float-matmul path for many-row inputs, see cpu_compute.py)."""
     side.model = model_io.load_model(side.path, dtype, internvl.image_token_id(side.tokenizer),
                                      artifact=side.artifact)
+    use_fast_cpu_matmuls(side.model)
 
 
 def check_compatible(model: Side, ref: Side) -> None:

@@ -118,7 +118,8 @@ def batcher(run: Run, samples: list, cfg: StageConfig, teacher, topk=None):
 def with_teacher(b: dict, cfg: StageConfig, teacher, image_token: int) -> dict:
     """The batch with live teacher logits, when the loss distills and it has none cached."""
     if cfg.distill_weight and "teacher" not in b:
-        b["teacher"] = mx.stop_gradient(vlm_logits(teacher, b["input_ids"], b["pixel_values"], image_token))
+        b["teacher"] = mx.stop_gradient(vlm_logits(teacher.model, b["input_ids"], b["pixel_values"],
+                                                   image_token))
         mx.eval(b["teacher"])
     return b
 
@@ -136,17 +137,18 @@ def gamma(run: Run, cfg: StageConfig, teacher, get_batch, name: str) -> float:
     return value
 
 
-def held_out_score(run: Run, model, loss, held_out: list, cfg: StageConfig, teacher):
+def held_out_score(run: Run, model, loss, held_out: list, cfg: StageConfig, teacher, topk=None):
     """held_out() for train(): the training loss, token-weighted over the held-out samples,
-    with live teacher logits (None without held-out samples)."""
+    with the teacher's cached top-k or live logits (None without held-out samples)."""
     if not held_out:
         return None
 
     def score() -> float:
         total = tokens = 0.0
         for i in range(0, len(held_out), cfg.train.batch):
-            b = with_teacher(collate(held_out[i : i + cfg.train.batch], run.pad_id), cfg, teacher,
-                             run.image_token)
+            part = slice(i, i + cfg.train.batch)
+            b = with_teacher(collate(held_out[part], run.pad_id, topk[part] if topk else None), cfg,
+                             teacher, run.image_token)
             value, _, n = loss(model, b)
             total, tokens = total + float(value) * n, tokens + n
         return total / max(tokens, 1.0)
@@ -155,13 +157,15 @@ def held_out_score(run: Run, model, loss, held_out: list, cfg: StageConfig, teac
 
 
 def train_stage(run: Run, model, teacher, data: TrainData, cfg: StageConfig, name: str,
-                fingerprint_parts: tuple = (), topk=None) -> dict:
-    """The shared tail of stages 2 and 3: gamma, the loss, and the training loop."""
+                fingerprint_parts: tuple = (), topk=None, topk_held_out=None) -> dict:
+    """The shared tail of stages 2 and 3: gamma, the loss, and the training loop (`teacher`
+    a stages.teacher.Teacher; with cached top-k for training and held-out samples it is not
+    asked for)."""
     get_batch = batcher(run, data.samples, cfg, teacher, topk)
     g = gamma(run, cfg, teacher, get_batch, name)
     fp = fingerprint(asdict(cfg), *data.fingerprint(), *fingerprint_parts)
     loss = loss_fn(cfg, g, run.image_token)
     result = train(model, loss, get_batch, cfg.train, run.folder, name, fp, run.log,
-                   held_out=held_out_score(run, model, loss, data.held_out, cfg, teacher))
+                   held_out=held_out_score(run, model, loss, data.held_out, cfg, teacher, topk_held_out))
     result["gamma"] = g
     return result

@@ -42,9 +42,12 @@ def run_stage3(run: Run, model, teacher, plan: dict, data: TrainData, calib_batc
     if not data.samples:
         raise SpeedQError("stage 3 needs training samples (--data FILE)")
     run.folder.ensure()
-    topk = None
+    topk = topk_held_out = None
     if cfg.teacher == "cached" and cfg.distill_weight:
         topk = teacher_topk_cache(teacher, data.samples, cfg.topk, run.folder, run.image_token)
+        topk_held_out = teacher_topk_cache(teacher, data.held_out, cfg.topk, run.folder, run.image_token,
+                                           "teacher_topk_held_out")
+        teacher.release()  # QAT needs only the cached targets
     layers = {p: s for p, s in select(plan, *TRAINED).items() if s is not None}
     if cfg.start != "none":
         init = {"clip": clip_init, "gptq": gptq_init}[cfg.start]
@@ -62,4 +65,4 @@ def run_stage3(run: Run, model, teacher, plan: dict, data: TrainData, calib_batc
         unfreeze_projector(model)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model.language_model.model.layers[0])
-    return train_stage(run, model, teacher, data, cfg, "stage3", (sorted(plan.items()),), topk)
+    return train_stage(run, model, teacher, data, cfg, "stage3", (sorted(plan.items()),), topk, topk_held_out)

@@ -1,6 +1,7 @@
 """Stages 2 and 3 on the tiny model: exact export, exact resume, teacher modes, NaN guard."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +20,7 @@ from speedq_mlx.pipeline import prepare_stage3
 from speedq_mlx.stages.common import StageConfig, collate
 from speedq_mlx.stages.stage2_projector import run_stage2
 from speedq_mlx.stages.stage3_language import enable_grad_checkpoint, run_stage3
+from speedq_mlx.stages.teacher import Teacher
 from speedq_mlx.quant.plan import apply_plan, build_plan, quantized_paths
 from speedq_mlx.quant.layers import QuantLinear
 from speedq_mlx.quant import format as Q
@@ -46,7 +48,8 @@ def setup(tiny_ckpt, image_dir):
 def _models(ckpt, tok, settings):
     img = image_token_id(tok)
     student = model_io.load_model(ckpt, mx.float32, img)
-    teacher = model_io.load_model(ckpt, mx.float32, img)
+    fp = model_io.load_model(ckpt, mx.float32, img)
+    teacher = Teacher(lambda: fp)
     plan = build_plan(student, settings)
     return student, teacher, plan, img
 
@@ -304,3 +307,43 @@ def test_learned_qparams_get_their_own_learning_rate(tiny_ckpt, setup, tmp_path)
     m0 = dict(fresh.named_modules())[sorted(stats)[0]]
     np.testing.assert_array_equal(np.array(m.scales), np.array(m0.scales))
     assert not np.array_equal(np.array(m.weight), np.array(m0.weight))  # the weights did train
+
+
+def test_cli_stage3_on_text_windows_alone(tiny_ckpt, tmp_path, capsys):
+    """--stages 3 with text_windows and --text but no conversations: plain-text QAT with
+    distillation (held-out windows pick the checkpoint); without --text it is refused first."""
+    from devkit.testing import ENGLISH_TEXT
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join([ENGLISH_TEXT] * 6))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Path("recipes/quick.toml").read_text().replace(
+        "[stage3]\n", "[stage3]\ntext_windows = 6\ntext_tokens = 32\ninit = \"gptq\"\n"))
+    args = ["quantize", "-m", tiny_ckpt, "--recipe", recipe, "--stages", "3", "-o", tmp_path / "out"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "pass --text FILE" in err and not (tmp_path / "out").exists()
+    code, out, err = run_cli([*args, "--text", text], capsys)
+    assert code == 0, err
+    assert "stage 3 trains on --text windows" in out and "+ 5 text windows of 32 tokens" in out
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "out" / "stage3_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and "held_out_loss" in rows[-1]
+
+
+def test_cached_teacher_is_released_before_qat(tiny_ckpt, setup, tmp_path):
+    """teacher = "cached": the top-k of the training and held-out samples are computed once,
+    the full-precision model is released, and QAT (held-out scoring included) never asks
+    for it again."""
+    tok, _, samples = setup
+    student, _, plan, img = _models(tiny_ckpt, tok, W2)
+    fp = model_io.load_model(tiny_ckpt, mx.float32, img)
+    asked = []
+    teacher = Teacher(lambda: asked.append(len(asked)) or fp)
+    cfg = StageConfig(train=TrainConfig(steps=4, lr=1e-3, batch=2, checkpoint_every=2),
+                      gamma_batches=2, teacher="cached", topk=16, clip_init=False)
+    prepare_stage3(student, plan, cfg, None)
+    teacher.release = lambda real=teacher.release: (asked.append("released"), real())
+    run_stage3(make_run(tiny_ckpt, tmp_path), student, teacher, plan, TrainData(samples[:6], samples[6:]), [], cfg)
+    assert asked == [0, "released"]  # loaded once, for the cache pass, then released
+    assert len(list((tmp_path / "teacher_topk_held_out").iterdir())) == 2
+    rows = [json.loads(l) for l in (tmp_path / "stage3_log.jsonl").read_text().splitlines()]
+    assert all("held_out_loss" in r for r in rows if r["step"] % 2 == 0)
