@@ -51,3 +51,14 @@ def logits(model, input_ids: mx.array, pixel_values: mx.array | None = None,
         image_token_index = model.config.image_token_index
     emb = input_embeddings(model, input_ids, pixel_values, image_token_index)
     return model.language_model(None, inputs_embeds=emb).logits
+
+
+def row_logits(model, input_ids: mx.array, pixel_values: mx.array | None, image_token_index: int,
+               rows: tuple) -> mx.array:
+    """[N, vocab] logits at the (batch, position) pairs `rows` only: the language model's
+    head - a 151k-row matrix on InternVL2 - runs on the scored positions, not on every image
+    token (a 2048-token photo conversation has ~100 answer tokens)."""
+    emb = input_embeddings(model, input_ids, pixel_values, image_token_index)
+    lm = model.language_model
+    h = lm.model(None, inputs_embeds=emb)[rows[0], rows[1]]
+    return lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)

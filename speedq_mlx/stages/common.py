@@ -11,7 +11,7 @@ import mlx.core as mx
 from ..data.encode import collate as collate_samples
 from ..data.sources import TrainData
 from ..errors import SpeedQError
-from ..model.forward import logits as vlm_logits
+from ..model.forward import row_logits
 from ..run import Run, fingerprint
 from ..train import distributed as dist
 from ..train.loop import TrainConfig, batch_order, train
@@ -69,12 +69,16 @@ class StageConfig:
 
 
 def collate(samples: list, pad_id: int, topk: list | None = None) -> dict:
-    """data.encode.collate, plus the cached teacher top-k of each sample padded to the batch."""
+    """data.encode.collate, plus the scored rows (batch index, position, next token) and,
+    when cached, the teacher's top-k at those rows."""
     batch = collate_samples(samples, pad_id)
+    batch["rows"] = L.answer_rows(batch["input_ids"], batch["loss_mask"])
     if topk is not None:
         n = batch["input_ids"].shape[1]
-        batch["teacher"] = (mx.stack([_pad_rows(t[0], n, 0) for t in topk]),
-                            mx.stack([_pad_rows(t[1], n, -1e4) for t in topk]))
+        b, t, _ = batch["rows"]
+        idx = mx.stack([_pad_rows(k[0], n, 0) for k in topk])
+        logp = mx.stack([_pad_rows(k[1], n, -1e4) for k in topk])
+        batch["teacher"] = (idx[b, t], logp[b, t])
     return batch
 
 
@@ -88,19 +92,19 @@ def _pad_rows(a: mx.array, length: int, value) -> mx.array:
 def loss_fn(cfg: StageConfig, gamma: float, image_token: int):
     """lambda * distillation + zeta * CE per answer token: (loss, metrics, answer tokens)."""
     def loss(model, batch):
-        lg = vlm_logits(model, batch["input_ids"], batch["pixel_values"], image_token)
-        ids, mask = batch["input_ids"], batch["loss_mask"]
+        b, t, targets = batch["rows"]
+        lg = row_logits(model, batch["input_ids"], batch["pixel_values"], image_token, (b, t))
         total = mx.array(0.0)
         metrics = {}
         if cfg.ce_weight:
-            ce = L.cross_entropy(lg, ids, mask, cfg.label_smoothing)
+            ce = L.ce_rows(lg, targets, cfg.label_smoothing)
             total = total + cfg.ce_weight * ce
             metrics["loss_ce"] = ce
         if cfg.distill_weight:
-            kd = L.distill_loss(lg, batch["teacher"], ids, mask, cfg.distill, gamma)
+            kd = L.distill_rows(lg, batch["teacher"], cfg.distill, gamma)
             total = total + cfg.distill_weight * kd
             metrics["loss_distill"] = kd
-        return total, metrics, float(mask[:, 1:].sum())
+        return total, metrics, float(targets.shape[0])
 
     return loss
 
@@ -116,10 +120,12 @@ def batcher(run: Run, samples: list, cfg: StageConfig, teacher, topk=None):
 
 
 def with_teacher(b: dict, cfg: StageConfig, teacher, image_token: int) -> dict:
-    """The batch with live teacher logits, when the loss distills and it has none cached."""
+    """The batch with live teacher logits at its scored rows, when the loss distills and it
+    has no cached ones."""
     if cfg.distill_weight and "teacher" not in b:
-        b["teacher"] = mx.stop_gradient(vlm_logits(teacher.model, b["input_ids"], b["pixel_values"],
-                                                   image_token))
+        rows = b["rows"][:2]
+        b["teacher"] = mx.stop_gradient(row_logits(teacher.model, b["input_ids"], b["pixel_values"],
+                                                   image_token, rows))
         mx.eval(b["teacher"])
     return b
 

@@ -102,3 +102,58 @@ def teacher_confidence(teacher, input_ids, loss_mask) -> tuple[float, float]:
         top1 = mx.exp(log_softmax(teacher[:, :-1])).max(axis=-1)
     m = loss_mask[:, 1:].astype(mx.float32)
     return float((top1 * m).sum()), float(m.sum())
+
+
+# ---------------------------------------------------------------- on scored rows only
+# The stages compute logits only where a next token is scored (forward.row_logits): rows
+# are (batch index, position) pairs, the same selection as mask[:, 1:] above.
+
+
+def answer_rows(input_ids, loss_mask) -> tuple[mx.array, mx.array, mx.array]:
+    """(batch index, position, next token) of every position whose next token is scored."""
+    import numpy as np
+
+    b, t = np.nonzero(np.array(loss_mask)[:, 1:])
+    nxt = np.array(input_ids)[b, t + 1]
+    return mx.array(b.astype(np.int32)), mx.array(t.astype(np.int32)), mx.array(nxt.astype(np.int32))
+
+
+def _row_mean(x: mx.array) -> mx.array:
+    return x.sum() / max(x.shape[0], 1)
+
+
+def ce_rows(logits: mx.array, targets: mx.array, label_smoothing: float = 0.0) -> mx.array:
+    """cross_entropy on [N, V] row logits and their [N] next tokens."""
+    lp = log_softmax(logits)
+    nll = -mx.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * lp.mean(axis=-1)
+    return _row_mean(nll)
+
+
+def kl_rows(student_logits: mx.array, teacher) -> tuple[mx.array, mx.array]:
+    """Per-row (KL(T||S), KL(S||T)); teacher: [N, V] logits or an (indices, log-probs) [N, k] pair."""
+    ls = log_softmax(student_logits)
+    if isinstance(teacher, tuple):
+        lt, ls = _with_rest(teacher[1].astype(mx.float32)), _bucketed(ls, teacher[0])
+    else:
+        lt = log_softmax(teacher)
+    return _kl(lt, ls), _kl(ls, lt)
+
+
+def distill_rows(student_logits, teacher, kind: str = "cakld", gamma: float = 0.5) -> mx.array:
+    """distill_loss on rows."""
+    fwd, rev = kl_rows(student_logits, teacher)
+    if kind == "cakld":
+        return _row_mean(gamma * rev + (1 - gamma) * fwd)
+    if kind == "forward":
+        return _row_mean(fwd)
+    if kind == "reverse":
+        return _row_mean(rev)
+    raise ValueError(f"unknown distillation loss {kind!r}")
+
+
+def confidence_rows(teacher) -> tuple[float, float]:
+    """teacher_confidence on rows: (sum of the teacher's top-1 probability, row count)."""
+    lp = teacher[1].astype(mx.float32) if isinstance(teacher, tuple) else log_softmax(teacher)
+    return float(mx.exp(lp).max(axis=-1).sum()), float(lp.shape[0])

@@ -10,6 +10,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..model.forward import logits as vlm_logits
+from ..model.forward import row_logits
 from ..train import distributed as dist
 from . import losses as L
 
@@ -89,8 +90,8 @@ def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> floa
         b = get_batch(step)
         t = b.get("teacher")
         if t is None:
-            t = vlm_logits(teacher.model, b["input_ids"], b["pixel_values"], image_token)
-        s, n = L.teacher_confidence(t, b["input_ids"], b["loss_mask"])
+            t = row_logits(teacher.model, b["input_ids"], b["pixel_values"], image_token, b["rows"][:2])
+        s, n = L.confidence_rows(t)
         total, count = total + s, count + n
     total, count = dist.sum_floats(total, count) if dist.size() > 1 else (total, count)
     return total / max(count, 1.0)

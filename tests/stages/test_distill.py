@@ -85,3 +85,23 @@ def test_teacher_confidence(batch):
     assert total / n == pytest.approx(np.exp(lt).max(-1)[m].mean(), rel=1e-5)
     total_k, _ = D.teacher_confidence(D.teacher_topk(mx.array(t), 4), mx.array(ids), mx.array(mask))
     assert total_k == pytest.approx(total, rel=1e-5)
+
+
+def test_row_losses_equal_the_full_logit_losses(batch):
+    """The stages score only the rows whose next token counts (forward.row_logits): the same
+    CE, KL and confidence as the full-logit functions with the mask."""
+    s, t, ids, mask = batch
+    b, p, nxt = D.answer_rows(mx.array(ids), mx.array(mask))
+    assert [(int(i), int(j)) for i, j in zip(b.tolist(), p.tolist())] == list(zip(*np.nonzero(mask[:, 1:])))
+    np.testing.assert_array_equal(np.array(nxt), ids[:, 1:][mask[:, 1:].astype(bool)])
+    S, T = mx.array(s)[b, p], mx.array(t)[b, p]
+    full = (mx.array(s), mx.array(t), mx.array(ids), mx.array(mask))
+    for kind in ("forward", "reverse", "cakld"):
+        assert float(D.distill_rows(S, T, kind, 0.3)) == pytest.approx(float(D.distill_loss(*full, kind=kind, gamma=0.3)), rel=1e-5)
+    assert float(D.ce_rows(S, nxt, 0.1)) == pytest.approx(float(D.cross_entropy(mx.array(s), mx.array(ids), mx.array(mask), 0.1)), rel=1e-5)
+    idx, lp = D.teacher_topk(mx.array(t), 4)
+    rows = (idx[b, p], lp[b, p])
+    assert float(D.distill_rows(S, rows, "forward")) == pytest.approx(float(D.distill_loss(mx.array(s), (idx, lp), mx.array(ids), mx.array(mask), "forward")), rel=1e-5)
+    conf, n = D.confidence_rows(T)
+    ref_conf, ref_n = D.teacher_confidence(mx.array(t), mx.array(ids), mx.array(mask))
+    assert n == ref_n and conf == pytest.approx(ref_conf, rel=1e-5)

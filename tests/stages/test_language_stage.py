@@ -347,3 +347,16 @@ def test_cached_teacher_is_released_before_qat(tiny_ckpt, setup, tmp_path):
     assert len(list((tmp_path / "teacher_topk_held_out").iterdir())) == 2
     rows = [json.loads(l) for l in (tmp_path / "stage3_log.jsonl").read_text().splitlines()]
     assert all("held_out_loss" in r for r in rows if r["step"] % 2 == 0)
+
+
+def test_row_logits_are_the_full_logits_at_those_rows(tiny_ckpt, setup):
+    from speedq_mlx.model.forward import row_logits
+
+    tok, _, samples = setup
+    model = model_io.load_model(tiny_ckpt, mx.float32, image_token_id(tok))
+    b = collate(samples[:3], tok.pad_token_id)
+    rows = b["rows"][:2]
+    full = vlm_logits(model, b["input_ids"], b["pixel_values"])
+    got = row_logits(model, b["input_ids"], b["pixel_values"], image_token_id(tok), rows)
+    assert got.shape == (int(np.array(b["loss_mask"])[:, 1:].sum()), full.shape[-1])
+    np.testing.assert_allclose(np.array(got), np.array(full[rows[0], rows[1]]), rtol=1e-5, atol=1e-5)
