@@ -39,7 +39,12 @@ def quantize(
     text: Optional[Path] = typer.Option(None, "--text", help="Plain text for stage 3's clipping calibration."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that --data image paths are relative to."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use at most this many training records."),
-    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="Cap on dynamic tiles per image."),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles",
+                                            help="Cap on dynamic tiles per training image (default: 6, "
+                                                 "as InternVL's fine-tuning; + a thumbnail)."),
+    max_length: int = typer.Option(2560, "--max-length",
+                                   help="Tokens per training sample, image tokens included; longer "
+                                        "conversations are cut after their images, or skipped."),
     held_out: float = typer.Option(0.05, "--held-out",
                                    help="Share of the training records held out; stages 2 and 3 end at their "
                                         "checkpoint with the lowest loss on them (0: no selection)."),

@@ -24,6 +24,7 @@ from .data.sources import DataOptions, calibration_batches, training_data, with_
 from .errors import SpeedQError
 from .evaluation.evaluate import EvalOptions
 from .export.artifact import check_output, write_artifact
+from .model import internvl
 from .model import io as model_io
 from .model import registry
 from .quant.plan import apply_plan, build_plan, select
@@ -57,8 +58,8 @@ class QuantizeArgs:
     text: Path | None = None
     image_root: Path | None = None
     max_samples: int | None = None
-    max_length: int | None = 2048
-    max_tiles: int | None = None
+    max_length: int | None = internvl.TRAINING_MAX_LENGTH
+    max_tiles: int | None = None  # training samples: internvl.training_tiles
     val_fraction: float = 0.05
     seed: int = 0
     run_dir: Path | None = None
@@ -121,6 +122,8 @@ def check_inputs(args: QuantizeArgs, log) -> tuple[QuantizeArgs, tuple, list | N
     stages to run, stage 1's calibration images)."""
     if args.method not in METHODS:
         raise SpeedQError(f"unknown method {args.method!r} (available: {', '.join(METHODS)})")
+    if args.max_length is not None and args.max_length < 16:
+        raise SpeedQError(f"--max-length must be at least 16 tokens, got {args.max_length}")
     if not 0 <= args.val_fraction < 1:
         raise SpeedQError(f"--held-out must be in [0, 1), got {args.val_fraction}")
     check_format_flags(args.bits, args.group_size)

@@ -23,6 +23,8 @@ from ..model.internvl import END_OF_TURN, IMAGE, IMG_CONTEXT, IMG_END, IMG_START
 from . import images as img
 from .records import Record
 
+DROP_WARNING = 0.03  # above this share of dropped samples the message is a warning
+
 
 @dataclass
 class Sample:
@@ -145,8 +147,12 @@ def iter_samples(records: list[Record], enc: Encoder, max_length: int | None = N
         else:
             yield s
     if skipped:
-        print(f"skipped {skipped} of {len(records)} samples: image tokens or every answer "
-              f"token beyond max_length={max_length}", file=sys.stderr)
+        share = skipped / len(records)
+        loud = "warning: dropped" if share > DROP_WARNING else "skipped"
+        print(f"{loud} {skipped} of {len(records)} samples ({share:.0%}): image tokens or every "
+              f"answer token beyond max_length={max_length}"
+              + (" (raise --max-length or lower --max-tiles to keep them)" if share > DROP_WARNING else ""),
+              file=sys.stderr)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict:

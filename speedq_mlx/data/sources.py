@@ -30,8 +30,8 @@ class DataOptions:
     image_root: Path | None = None
     text: Path | None = None       # stage 3's clipping calibration text
     max_samples: int | None = None
-    max_tiles: int | None = None
-    max_length: int | None = 2048
+    max_tiles: int | None = None   # None: internvl.training_tiles (6, InternVL's fine-tuning cap)
+    max_length: int | None = internvl.TRAINING_MAX_LENGTH
     held_out: float = 0.05
 
 
@@ -60,7 +60,7 @@ def training_data(run: Run, opts: DataOptions, teacher, text_only: bool = False)
         return TrainData([], [], [])
     records = training_records(run, opts, teacher)
     train_records, val_records = split(records, opts.held_out, run.seed)
-    enc = encoder(run.config, run.tokenizer, opts.max_tiles)
+    enc = encoder(run.config, run.tokenizer, internvl.training_tiles(run.config, opts.max_tiles))
     samples = [s for s in iter_samples(train_records, enc, opts.max_length) if s is not None]
     if not samples:
         raise SpeedQError("no usable training samples (all skipped; see the messages above)")

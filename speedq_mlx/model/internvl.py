@@ -24,6 +24,16 @@ MODEL_TYPE = "internvl_chat"
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation of InternVL's transform
 IMAGE_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of InternVL2-1B (+ a thumbnail)
+# Training (stages 2 and 3): InternVL's own fine-tuning caps dynamic tiles at 6 (+ thumbnail:
+# at most 7 x 256 = 1792 image tokens), and 2560 tokens then leave ~700 for the text of a
+# typical photo conversation.
+TRAINING_MAX_TILES = 6
+TRAINING_MAX_LENGTH = 2560
+
+
+def training_tiles(config: dict, requested: int | None) -> int:
+    """The tile cap of training samples: the user's, else min(6, the checkpoint's)."""
+    return requested if requested is not None else min(TRAINING_MAX_TILES, tiling(config)["max"])
 
 
 def llm_config(config: dict) -> dict:

@@ -146,7 +146,19 @@ def test_truncation_never_cuts_an_image(pics, enc, tok, capsys):
     text_only = R.load_conversations(write_json(pics / "t2.json", RECORDS[1:2]))[0]
     got = list(E.iter_samples([record, text_only], enc, max_length=last_img, progress=False))
     assert [s.source for s in got] == [text_only.source]
-    assert "skipped 1 of 2 samples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: dropped 1 of 2 samples (50%)" in err and "raise --max-length" in err
+    many = [text_only] * 40 + [record]  # 1 of 41 (2%): a note, not a warning
+    assert len(list(E.iter_samples(many, enc, max_length=last_img, progress=False))) == 40
+    assert "skipped 1 of 41 samples (2%)" in capsys.readouterr().err
+
+
+def test_training_tiles_follow_internvl_finetuning():
+    from speedq_mlx.model import internvl
+
+    assert internvl.training_tiles({"max_dynamic_patch": 12}, None) == 6
+    assert internvl.training_tiles({"max_dynamic_patch": 1}, None) == 1
+    assert internvl.training_tiles({"max_dynamic_patch": 12}, 12) == 12
 
 
 def test_collate_right_pads(pics, enc, tok):
