@@ -54,8 +54,11 @@ def command(method: str, src: Path, out: Path, bits: int, calib: Path, args) -> 
               "--sequence-length", str(args.calib_tokens)]
     if method in ("vlm-rtn", "vlm-awq"):
         return [*peers, "vlm", str(src), str(out), *common, "--method", method[4:]]
-    if method in ("lm-gptq", "lm-awq"):
-        return [*peers, method[3:], str(src), str(out), *common]
+    if method == "lm-gptq":
+        return [*peers, "gptq", str(src), str(out), *common]
+    if method == "lm-awq":  # its grid search runs the quantized block per sample: the dearest here
+        return [*peers, "awq", str(src), str(out), *common, "--num-samples", str(args.awq_samples),
+                "--n-grid", str(args.awq_grid)]
     if method == "lm-dwq":
         return [*peers, "dwq", str(src), str(out), *common, "--student", str(out.parent / "lm-awq"),
                 "--num-samples", str(args.dwq_samples)]
@@ -204,6 +207,8 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-tokens", type=int, default=256)
+    ap.add_argument("--awq-samples", type=int, default=8)
+    ap.add_argument("--awq-grid", type=int, default=10)
     ap.add_argument("--dwq-samples", type=int, default=64)
     ap.add_argument("--json", type=Path, default=RESULTS / "peers.json")
     args = ap.parse_args()

@@ -175,3 +175,14 @@ def train_stage(run: Run, model, teacher, data: TrainData, cfg: StageConfig, nam
                    held_out=held_out_score(run, model, loss, data.held_out, cfg, teacher, topk_held_out))
     result["gamma"] = g
     return result
+
+
+def enable_grad_checkpoint(layer) -> None:
+    """mlx-lm's grad_checkpoint (recompute this layer type's activations in the backward
+    pass), applied once per layer type."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    cls = type(layer)
+    if not getattr(cls, "_speedq_checkpointed", False):
+        grad_checkpoint(layer)
+        cls._speedq_checkpointed = True

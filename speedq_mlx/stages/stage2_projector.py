@@ -12,7 +12,7 @@ import mlx.nn as nn
 from ..errors import SpeedQError
 from ..run import Run
 from ..data.sources import TrainData
-from .common import StageConfig, train_stage
+from .common import StageConfig, enable_grad_checkpoint, train_stage
 
 
 def unfreeze_projector(model) -> None:
@@ -27,4 +27,6 @@ def run_stage2(run: Run, model, teacher, data: TrainData, cfg: StageConfig) -> d
         raise SpeedQError("stage 2 needs image-text training samples (--data FILE)")
     model.freeze()
     unfreeze_projector(model)
+    if cfg.grad_checkpoint:  # the backward pass runs through the whole frozen language model
+        enable_grad_checkpoint(model.language_model.model.layers[0])
     return train_stage(run, model, teacher, data, cfg, "stage2")

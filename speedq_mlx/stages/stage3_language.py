@@ -18,22 +18,11 @@ from ..quant.layers import QuantLinear
 from ..quant.plan import select
 from ..run import Run
 from ..data.sources import TrainData
-from .common import StageConfig, train_stage
+from .common import StageConfig, enable_grad_checkpoint, train_stage
 from .stage2_projector import unfreeze_projector
 from .teacher import teacher_topk_cache
 
 TRAINED = ("language", "projector")  # the components whose fake-quantized linears QAT trains
-
-
-def enable_grad_checkpoint(layer) -> None:
-    """mlx-lm's grad_checkpoint (recompute this layer type's activations in the backward
-    pass), applied once per layer type."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
-
-    cls = type(layer)
-    if not getattr(cls, "_speedq_checkpointed", False):
-        grad_checkpoint(layer)
-        cls._speedq_checkpointed = True
 
 
 def run_stage3(run: Run, model, teacher, plan: dict, data: TrainData, calib_batches: list,

@@ -76,3 +76,16 @@ def test_dead_inputs_are_ignored():
     gram[:, 5] = gram[5, :] = 0  # an input that never fires
     codes, s, b = gptq_quantize(w, gram, 4, 64, search=False)
     assert np.isfinite(codes).all() and np.isfinite(s).all()
+
+
+def test_group_search_is_the_clip_search():
+    """The vectorised per-group range search picks what quant.clip.search_clip picks."""
+    from speedq_mlx.quant.clip import search_clip
+    from speedq_mlx.quant.gptq import _group_params
+
+    w, x, gram = _problem(seed=3, out=32, inp=64)
+    for bits in (2, 3, 4):
+        s, b = _group_params(w, gram, bits, True, mx.float16)
+        s2, b2, _ = search_clip(mx.array(w.astype(np.float32)), mx.array(gram[None].astype(np.float32)), bits, 64, mx.float16)
+        np.testing.assert_array_equal(s, np.array(s2)[:, 0])
+        np.testing.assert_array_equal(b, np.array(b2)[:, 0])

@@ -19,7 +19,8 @@ from speedq_mlx.model.internvl import image_token_id
 from speedq_mlx.pipeline import prepare_stage3
 from speedq_mlx.stages.common import StageConfig, collate
 from speedq_mlx.stages.stage2_projector import run_stage2
-from speedq_mlx.stages.stage3_language import enable_grad_checkpoint, run_stage3
+from speedq_mlx.stages.common import enable_grad_checkpoint
+from speedq_mlx.stages.stage3_language import run_stage3
 from speedq_mlx.stages.teacher import Teacher
 from speedq_mlx.quant.plan import apply_plan, build_plan, quantized_paths
 from speedq_mlx.quant.layers import QuantLinear
