@@ -36,10 +36,11 @@ def search_clip(
     w: mx.array, gram: mx.array, bits: int, group_size: int, scale_dtype=None, steps: int = 10,
     step: float = 0.05,
 ) -> tuple[mx.array, mx.array, dict]:
-    """Best (scales, biases) per group over the alpha x beta grid, plus search stats.
+    """Best (scales, biases) per group over MLX's round-to-nearest grid and the alpha x beta
+    grid, plus search stats.
 
-    `gram` is `gram_blocks(X, group_size)`. The grid includes (1, 1), plain min/max,
-    so the result is never worse than round-to-nearest on the calibration data.
+    `gram` is `gram_blocks(X, group_size)`. The RTN grid is the first candidate, so the result
+    is never worse than round-to-nearest on the calibration data.
     """
     out_dims, in_dims = w.shape
     w = w.astype(mx.float32)
@@ -51,15 +52,13 @@ def search_clip(
         d = d.reshape(g.shape).transpose(1, 0, 2)  # [G, out, g]
         return ((d @ gram) * d).sum(axis=-1).T  # [out, G]
 
-    s0, b0 = Q.params_from_range(wmin, wmax, bits, scale_dtype)
+    s0, b0 = Q.rtn_params(w, bits, group_size, scale_dtype)
     best_err = err_for(s0, b0)
     rtn_err = best_err
     best_s, best_b = s0, b0
     mx.eval(best_err)
     for i in range(steps):
         for j in range(steps):
-            if i == 0 and j == 0:
-                continue
             s, b = Q.params_from_range(wmin * (1 - j * step), wmax * (1 - i * step), bits, scale_dtype)
             err = err_for(s, b)
             better = err < best_err
@@ -72,11 +71,11 @@ def search_clip(
 
 
 def clip_weight(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
-    """Latent weights clipped into the chosen ranges (what QAT then starts from)."""
+    """Latent weights clipped into the chosen ranges (what QAT then starts from); a negative
+    scale (an RTN grid spanning down from its maximum) is the same range reversed."""
     g = w.reshape(w.shape[0], -1, group_size)
-    lo = biases[..., None]
-    hi = lo + scales[..., None] * Q.n_levels(bits)
-    return mx.clip(g, lo, hi).reshape(w.shape).astype(w.dtype)
+    ends = biases[..., None], biases[..., None] + scales[..., None] * Q.n_levels(bits)
+    return mx.clip(g, mx.minimum(*ends), mx.maximum(*ends)).reshape(w.shape).astype(w.dtype)
 
 
 # ---------------------------------------------------------------- calibration and apply

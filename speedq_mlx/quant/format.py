@@ -80,6 +80,41 @@ def minmax_params(
     return params_from_range(g.min(axis=-1), g.max(axis=-1), bits, scale_dtype)
 
 
+def mlx_params(
+    w: mx.array, bits: int, group_size: int, scale_dtype=None
+) -> tuple[mx.array, mx.array]:
+    """The parameters `mx.quantize` computes: the grid spans the group's larger-magnitude
+    edge (its bias) in whole steps through 0, so 0 is a code and the other edge may be
+    clipped by up to a step. Scales are negative when that edge is the maximum."""
+    g = grouped(w, group_size)
+    wmin, wmax = g.min(axis=-1), g.max(axis=-1)
+    scale = mx.maximum((wmax - wmin) / n_levels(bits), 1e-7)
+    side = mx.abs(wmin) > mx.abs(wmax)
+    scale = mx.where(side, scale, -scale)
+    edge = mx.where(side, wmin, wmax)
+    q0 = mx.round(edge / scale)
+    scale = mx.where(q0 != 0, edge / q0, scale)
+    bias = mx.where(q0 == 0, mx.zeros_like(edge), edge)
+    return round_to_dtype(scale, scale_dtype), round_to_dtype(bias, scale_dtype)
+
+
+def rtn_params(
+    w: mx.array, bits: int, group_size: int, scale_dtype=None
+) -> tuple[mx.array, mx.array]:
+    """Round-to-nearest parameters: per group, MLX's zero-exact grid (`mlx_params`) or plain
+    min/max, whichever reconstructs the group's weights better. Data-free either way; at 2
+    bits the zero-exact grid keeps near-zero weights - most of them - at 0 instead of +-s/2
+    (held-out KL of SmolLM2-135M at W2: 7.5 against 10.6 for min/max), while weights that
+    already sit on a min/max grid (a Q4_1 GGUF's) re-quantize losslessly with min/max."""
+    candidates = [mlx_params(w, bits, group_size, scale_dtype),
+                  minmax_params(w, bits, group_size, scale_dtype)]
+    errs = [((dequantize(codes(w, s, b, bits, group_size), s, b, group_size) - w) ** 2)
+            .reshape(*s.shape, group_size).sum(axis=-1) for s, b in candidates]
+    use_mlx = errs[0] <= errs[1]
+    (s0, b0), (s1, b1) = candidates
+    return mx.where(use_mlx, s0, s1), mx.where(use_mlx, b0, b1)
+
+
 def codes(
     w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
 ) -> mx.array:
@@ -195,7 +230,7 @@ def quantize_rtn(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Round-to-nearest: (packed uint32 weight, scales, biases) readable by mx.dequantize."""
     check_format(bits, group_size, w.shape[-1])
-    scales, biases = minmax_params(w, bits, group_size, scale_dtype)
+    scales, biases = rtn_params(w, bits, group_size, scale_dtype)
     q = codes(w, scales, biases, bits, group_size)
     return pack(q, bits), scales, biases
 

@@ -39,18 +39,21 @@ def _round_to(x: np.ndarray, dtype) -> np.ndarray:
 
 def _group_params(w: np.ndarray, gram: np.ndarray, bits: int, search: bool, scale_dtype,
                   steps: int = 10, step: float = 0.05):
-    """(scales, biases) [out] of one group of columns w [out, g]: min/max, or with `search`
-    the asymmetric clip [(1 - j/20) min, (1 - i/20) max], i, j < 10, that minimises each
-    row's output error d H d^T on the group's inputs (quant.clip's search, vectorised here
-    over the grid; the first candidate is plain min/max, which wins ties)."""
+    """(scales, biases) [out] of one group of columns w [out, g]: MLX's round-to-nearest grid,
+    or with `search` the best of it and the asymmetric clips [(1 - j/20) min, (1 - i/20) max],
+    i, j < 10, by each row's output error d H d^T on the group's inputs (quant.clip's search,
+    vectorised here over the grid; the RTN grid comes first and wins ties)."""
     top = Q.n_levels(bits)
+    s0, b0 = (np.array(x[:, 0], dtype=np.float64)
+              for x in Q.rtn_params(mx.array(w.astype(np.float32)), bits, w.shape[1], scale_dtype))
+    if not search:
+        return s0, b0
     wmin, wmax = w.min(axis=1), w.max(axis=1)
-    shrink = [(0, 0)] + [(i, j) for i in range(steps) for j in range(steps) if (i, j) != (0, 0)] if search else [(0, 0)]
+    shrink = [(i, j) for i in range(steps) for j in range(steps)]
     hi = np.stack([wmax * (1 - i * step) for i, _ in shrink])  # [K, out]
     lo = np.stack([wmin * (1 - j * step) for _, j in shrink])
-    s, b = _round_to((hi - lo) / top, scale_dtype), _round_to(lo, scale_dtype)
-    if len(shrink) == 1:
-        return s[0], b[0]
+    s = np.concatenate([s0[None], _round_to((hi - lo) / top, scale_dtype)])
+    b = np.concatenate([b0[None], _round_to(lo, scale_dtype)])
     safe = np.where(s == 0, 1.0, s)[..., None]
     q = np.clip(np.round((w[None] - b[..., None]) / safe), 0, top)
     d = s[..., None] * q + b[..., None] - w[None]  # [K, out, g]
@@ -201,7 +204,7 @@ def _round_linear(layer: QuantLinear, gram: np.ndarray, bits: int, group: int, s
     w = np.array(layer.weight.astype(mx.float32), dtype=np.float64)
     codes, s, b = gptq_quantize(w, gram, bits, group, search, scale_dtype)
     wq = (codes.reshape(codes.shape[0], -1, group) * s[..., None] + b[..., None]).reshape(codes.shape)
-    s0, b0 = Q.minmax_params(mx.array(w.astype(np.float32)), bits, group, scale_dtype)
+    s0, b0 = Q.rtn_params(mx.array(w.astype(np.float32)), bits, group, scale_dtype)
     rtn = np.array(Q.dequantize(Q.codes(mx.array(w.astype(np.float32)), s0, b0, bits, group), s0, b0, group))
     dtype = layer.weight.dtype
     layer.weight = mx.array(wq.astype(np.float32)).astype(dtype)

@@ -28,7 +28,7 @@ class FakeQuant(nn.Module):
         self.scale_dtype = scale_dtype
         if scales is not None or learn_qparams:
             if scales is None:
-                scales, biases = Q.minmax_params(weight, bits, group_size)
+                scales, biases = Q.rtn_params(weight, bits, group_size)
             self.scales = scales
             self.biases = biases
 
@@ -41,7 +41,7 @@ class FakeQuant(nn.Module):
         if self.learns_qparams:
             return (Q.round_to_dtype(self.scales, self.scale_dtype),
                     Q.round_to_dtype(self.biases, self.scale_dtype))
-        s, b = Q.minmax_params(mx.stop_gradient(self.weight), self.bits, self.group_size,
+        s, b = Q.rtn_params(mx.stop_gradient(self.weight), self.bits, self.group_size,
                                self.scale_dtype)
         return mx.stop_gradient(s), mx.stop_gradient(b)
 

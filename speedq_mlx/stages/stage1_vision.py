@@ -154,26 +154,33 @@ def _rtn_block(block, vision_config, settings: dict, scale_dtype):
 
 
 def _choose_grids(block_q, ada: dict, x, target, cfg: Stage1Config, scale_dtype) -> tuple[float, dict]:
-    """Per linear, keep min/max or switch to the weight-MSE shrink search, whichever gives
-    the lower block output error with nearest rounding (the linears start at min/max).
+    """Per linear, keep MLX's round-to-nearest grid (the start) or switch to plain min/max or
+    to the weight-MSE shrink search, whichever gives the lower block output error with
+    nearest rounding.
 
     At 2 bits the weight-MSE optimum clips the few large weights the outputs depend on: on
     the tiny-shapes ViT it made a block's output error 3-7x that of plain min/max.
-    Returns (block error of the chosen grids, dotted name -> "minmax" | "mse")."""
+    Returns (block error of the chosen grids, dotted name -> "rtn" | "minmax" | "mse")."""
+    alternatives = {
+        "minmax": lambda m: Q.minmax_params(m.weight, m.bits, m.group_size, scale_dtype),
+        "mse": lambda m: Q.mse_params(m.weight, m.bits, m.group_size, scale_dtype, cfg.mse_grid,
+                                      cfg.min_shrink),
+    }
     for m in ada.values():
         m.hard = True
     best = _mse(block_q, x, target, cfg.eval_chunk)
     grids = {}
     for dotted, m in ada.items():
-        old = m.scales, m.biases, m.V
-        m.scales, m.biases = Q.mse_params(m.weight, m.bits, m.group_size, scale_dtype, cfg.mse_grid,
-                                          cfg.min_shrink)
-        m.V = adaround_init(m.weight, m.scales, m.biases, m.group_size)
-        err = _mse(block_q, x, target, cfg.eval_chunk)
-        if err < best:
-            best, grids[dotted] = err, "mse"
-        else:
-            (m.scales, m.biases, m.V), grids[dotted] = old, "minmax"
+        grids[dotted] = "rtn"
+        for name, params in alternatives.items():
+            old = m.scales, m.biases, m.V
+            m.scales, m.biases = params(m)
+            m.V = adaround_init(m.weight, m.scales, m.biases, m.group_size)
+            err = _mse(block_q, x, target, cfg.eval_chunk)
+            if err < best:
+                best, grids[dotted] = err, name
+            else:
+                m.scales, m.biases, m.V = old
     for m in ada.values():
         m.hard = False
     return best, grids
@@ -290,7 +297,7 @@ def _quantize_block(model, i: int, settings: dict, x_q, target, cfg: Stage1Confi
     ada = {}
     for dotted, (bits, group) in settings.items():
         lin = get_linear(block, dotted)
-        s_, b_ = Q.minmax_params(lin.weight, bits, group, scale_dtype)
+        s_, b_ = Q.rtn_params(lin.weight, bits, group, scale_dtype)
         ada[dotted] = AdaRoundLinear(lin.weight, lin.get("bias"), s_, b_, bits, group, scale_dtype)
         set_linear(block_q, dotted, ada[dotted])
     init_loss, grids = _choose_grids(block_q, ada, x_q, target, cfg, scale_dtype)

@@ -43,7 +43,11 @@ def test_rtn_top1_agreement_4bit_high_2bit_worse(smollm_ckpt):
     # SmolLM2-135M's linears already sit on a 4-bit g32 grid (its GGUF is Q4_1): 4-bit g32
     # re-quantization is a lossless re-grid (only the embeddings, Q8_0 in the file, move), and
     # g64 costs what re-gridding does; the real 4-bit check is on Qwen2.5 (benchmarks/peers.py).
-    assert stats["4g32"][0] >= 0.85
-    assert stats[4][0] >= 0.7 and stats[4][1] < 0.5
+    # Measured (150 tokens; RTN = per group the better of MLX's zero-exact grid and min/max):
+    # 4g32 0.86 / KL 0.05, 4g64 0.69 / 0.30, 3-bit 0.48 / 1.47, 2-bit 0.02 / 7.7 (min/max alone:
+    # 4g64 0.73 / 0.31, 2-bit 0.00 / 10.6). Top-1 on 150 tokens moves +-0.04 (one SE), so the
+    # g64 check is on KL, where the grid choice helps, with top-1 at a noise-safe bound.
+    assert stats["4g32"][0] >= 0.85 and stats["4g32"][1] < 0.1
+    assert stats[4][0] >= 0.65 and stats[4][1] < 0.35
     assert stats[2][0] < 0.2 and stats[2][1] > 5  # 2-bit RTN collapses
     assert stats[4][1] < stats[3][1] < stats[2][1]

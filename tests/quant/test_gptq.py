@@ -19,8 +19,8 @@ def _problem(seed=0, out=24, inp=256, n=512):
 
 
 def _reference(w, gram, bits, group):
-    """GPTQ one column at a time (no lazy blocks), min/max params of each group taken from
-    the compensated weights when the group starts."""
+    """GPTQ one column at a time (no lazy blocks), each group's round-to-nearest parameters
+    (format.rtn_params) taken from the compensated weights when the group starts."""
     W = w.astype(np.float64).copy()
     H = gram.astype(np.float64).copy()
     H[np.diag_indices(len(H))] += DAMP * np.mean(np.diag(H))
@@ -29,10 +29,8 @@ def _reference(w, gram, bits, group):
     codes, s, b = np.zeros_like(W), None, None
     for i in range(W.shape[1]):
         if i % group == 0:
-            g = W[:, i:i + group]
-            lo, hi = g.min(1), g.max(1)
-            s = np.array(mx.array((hi - lo) / top, dtype=mx.float32)).astype(np.float64)
-            b = np.array(mx.array(lo, dtype=mx.float32)).astype(np.float64)
+            s, b = (np.array(x[:, 0]).astype(np.float64)
+                    for x in Q.rtn_params(mx.array(W[:, i:i + group].astype(np.float32)), bits, group))
         q = np.clip(np.round((W[:, i] - b) / s), 0, top)
         codes[:, i] = q
         e = (W[:, i] - (s * q + b)) / U[i, i]
@@ -58,7 +56,7 @@ def test_gptq_beats_round_to_nearest_and_lies_on_the_grid():
     w, x, gram = _problem(seed=1)
     codes, s, b = gptq_quantize(w, gram, 2, 64, search=True)
     assert codes.min() >= 0 and codes.max() <= 3 and np.all(codes == np.round(codes))
-    s0, b0 = Q.minmax_params(mx.array(w.astype(np.float32)), 2, 64)
+    s0, b0 = Q.rtn_params(mx.array(w.astype(np.float32)), 2, 64)
     rtn = np.array(Q.codes(mx.array(w.astype(np.float32)), s0, b0, 2, 64))
     e_rtn = _error(w, rtn, np.array(s0), np.array(b0), gram, 64)
     e_gptq = _error(w, codes, s, b, gram, 64)

@@ -72,7 +72,7 @@ def test_stage1_never_ends_worse_than_its_start(tiny_ckpt, image_dir, tmp_path):
         assert b["init_mse"] <= b["rtn_mse"] * 1.001, b
         assert b["kept_init_rounding"], b
         assert b["final_mse"] == pytest.approx(b["init_mse"], rel=1e-5), b
-        assert set(b["grids"].values()) <= {"minmax", "mse"} and len(b["grids"]) == 4
+        assert set(b["grids"].values()) <= {"rtn", "minmax", "mse"} and len(b["grids"]) == 4
 
 
 @pytest.mark.real_weights
