@@ -66,7 +66,10 @@ def command(method: str, src: Path, out: Path, bits: int, calib: Path, args) -> 
                 "--overwrite", "--run-dir", str(out.parent / "runs" / method)]
     if method == "speedq-rtn":
         return [*quantize, "--method", "rtn"]
-    recipe = args.recipe or ROOT / "benchmarks" / "recipes" / f"peers-w{bits}.toml"
+    if method.startswith("speedq@"):  # speedq@RECIPE: a variant, named speedq@<recipe stem>
+        recipe = Path(method.split("@", 1)[1])
+    else:
+        recipe = args.recipe or ROOT / "benchmarks" / "recipes" / f"peers-w{bits}.toml"
     return [*quantize, "--stages", "3", "--text", str(calib), "--recipe", str(recipe)]
 
 
@@ -101,21 +104,22 @@ def to_float16(folder: Path) -> None:
 def quantize_all(src: Path, bits: int, methods, calib: Path, work: Path, args) -> dict:
     runs = {}
     for method in methods:
-        out = work / method
-        meta = out.parent / f"{method}.run.json"
-        if (out / "config.json").is_file() and meta.is_file() and method not in args.rerun:
-            runs[method] = json.loads(meta.read_text())
+        name = f"speedq@{Path(method[7:]).stem}" if method.startswith("speedq@") else method
+        out = work / name
+        meta = out.parent / f"{name}.run.json"
+        if (out / "config.json").is_file() and meta.is_file() and name not in args.rerun:
+            runs[name] = json.loads(meta.read_text())
             continue
         shutil.rmtree(out, ignore_errors=True)
-        print(f"[w{bits}] {method} ...", flush=True)
-        res = run_measured(command(method, src, out, bits, calib, args), work / "logs" / f"{method}.log")
+        print(f"[w{bits}] {name} ...", flush=True)
+        res = run_measured(command(method, src, out, bits, calib, args), work / "logs" / f"{name}.log")
         if res["rc"] != 0:
-            print(f"[w{bits}] {method} failed (rc {res['rc']}), see {work / 'logs' / (method + '.log')}")
+            print(f"[w{bits}] {name} failed (rc {res['rc']}), see {work / 'logs' / (name + '.log')}")
             continue
         to_float16(out)
         meta.write_text(json.dumps(res, indent=1))
-        runs[method] = res
-        print(f"[w{bits}] {method}: {res['wall_s']} s, peak RSS {res['peak_rss_gb']} GB", flush=True)
+        runs[name] = res
+        print(f"[w{bits}] {name}: {res['wall_s']} s, peak RSS {res['peak_rss_gb']} GB", flush=True)
     return runs
 
 
@@ -182,7 +186,7 @@ def plot(results: dict, png: Path) -> None:
     for ax, model in zip(axes[0], models):
         for r in (r for r in results.values() if r["model"] == model):
             for name, m in r["methods"].items():
-                ax.scatter(m["lm_bits_per_weight"], m["kl"], color="tab:red" if name == "speedq" else "tab:blue")
+                ax.scatter(m["lm_bits_per_weight"], m["kl"], color="tab:red" if name.startswith("speedq") and name != "speedq-rtn" else "tab:blue")
                 ax.annotate(f"{name} W{r['bits']}", (m["lm_bits_per_weight"], m["kl"]), fontsize=7,
                             textcoords="offset points", xytext=(4, 3))
         ax.set_yscale("log")

@@ -57,7 +57,7 @@ def _group_params(w: np.ndarray, gram: np.ndarray, bits: int, search: bool, scal
     safe = np.where(s == 0, 1.0, s)[..., None]
     q = np.clip(np.round((w[None] - b[..., None]) / safe), 0, top)
     d = s[..., None] * q + b[..., None] - w[None]  # [K, out, g]
-    err = np.einsum("kog,gh,koh->ko", d, gram, d)
+    err = ((d @ gram) * d).sum(axis=-1)  # [K, out] (a BLAS matmul; einsum would loop)
     best = np.argmin(err, axis=0)
     rows = np.arange(w.shape[0])
     return s[best, rows], b[best, rows]
@@ -195,7 +195,7 @@ def gptq_init(model, layers: dict, skip: list, batches: list, image_token: int, 
 
 def _output_error(w: np.ndarray, wq: np.ndarray, gram: np.ndarray) -> float:
     d = wq - w
-    return float(np.einsum("oi,ij,oj->", d, gram, d))
+    return float(((d @ gram) * d).sum())
 
 
 def _round_linear(layer: QuantLinear, gram: np.ndarray, bits: int, group: int, search: bool,
