@@ -69,6 +69,8 @@ def template_messages(messages: list[Message], allow_local: bool) -> tuple[list[
     for i, m in enumerate(messages):
         where = f"messages[{i}].content"
         role = "system" if m.role == "developer" else m.role
+        if m.content is None and role != "assistant":
+            raise APIError(400, f"{where}: a {m.role} message needs content", param=where)
         if m.content is None or isinstance(m.content, str):
             out.append({"role": role, "content": m.content or ""})
             continue

@@ -129,6 +129,7 @@ def test_stop_strings_cut_the_answer(server):
 BAD = {
     "unknown model": (dict(model="gpt-4o"), openai.NotFoundError, "model_not_found"),
     "malformed message": (dict(messages=[{"role": "robot", "content": "hi"}]), openai.BadRequestError, None),
+    "user message without content": (dict(messages=[{"role": "user"}]), openai.BadRequestError, None),
     "no messages": (dict(messages=[]), openai.BadRequestError, None),
     "image that does not decode": (dict(messages=_ask(ITEMS[0], "data:image/png;base64," + base64.b64encode(b"not a png").decode())),
                                    openai.BadRequestError, "invalid_image"),
