@@ -138,7 +138,10 @@ async def _events(req: ChatRequest, queue, cancel, event, cid: str, created: int
 
 
 def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when the port is taken; SO_REUSEADDR as uvicorn binds, so
+    a port a stopped server left in TIME_WAIT is free to reuse."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

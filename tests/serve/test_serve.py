@@ -1,6 +1,7 @@
 """speedq-mlx serve, started for real on a loopback port and talked to with the `openai`
 client: answers, streaming, the rendered prompt, OpenAI-style errors, concurrent clients."""
 
+import socket
 import base64
 import json
 import os
@@ -180,3 +181,22 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "not a model folder" in res.stderr
+
+
+def test_a_port_in_use_is_refused_but_one_a_stopped_server_left_in_time_wait_is_not():
+    from speedq_mlx.errors import SpeedQError
+    from speedq_mlx.serve.app import check_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    with pytest.raises(SpeedQError, match=f"cannot listen on 127.0.0.1:{port}"):
+        check_port("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: its end stays in TIME_WAIT
+    listener.close()
+    client.close()
+    check_port("127.0.0.1", port)
