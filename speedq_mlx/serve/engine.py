@@ -36,6 +36,10 @@ class Engine:
         self.allow_local_images, self.max_images, self.max_tokens = allow_local_images, max_images, max_tokens
         config = json.loads((self.folder / "config.json").read_text()) if (self.folder / "config.json").is_file() else {}
         self.context = int(internvl.llm_config(config).get("max_position_embeddings", 32768))
+        # mlx-vlm imported here, on the main thread: imported first on the worker, MLX state it
+        # creates at import made the process abort at exit (intermittently, rc 134).
+        import mlx_vlm  # noqa: F401
+
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedq-mlx-generate")
         self.model = self.processor = None
         try:
@@ -68,7 +72,9 @@ class Engine:
             try:
                 images.append(load_image(src, timeout=10))
             except Exception as e:  # noqa: BLE001  (mlx-vlm wraps PIL's and the network's errors)
-                cause = str(e.__cause__ or e).splitlines()[0].split(": ")[-1][:200]
+                root = e.__cause__ or e
+                cause = ("no such file" if isinstance(root, FileNotFoundError)
+                         else str(root).splitlines()[0].split(": ")[-1][:200])
                 shown = src if len(src) < 80 else src[:60] + "..."
                 raise APIError(400, f"image {k + 1} ({shown}) could not be read: {cause}",
                                param="messages", code="invalid_image") from None

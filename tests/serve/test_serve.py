@@ -134,7 +134,8 @@ BAD = {
     "no messages": (dict(messages=[]), openai.BadRequestError, None),
     "image that does not decode": (dict(messages=_ask(ITEMS[0], "data:image/png;base64," + base64.b64encode(b"not a png").decode())),
                                    openai.BadRequestError, "invalid_image"),
-    "missing image file": (dict(messages=_ask(ITEMS[0], "/no/such/image.png")), openai.BadRequestError, "invalid_image"),
+    "missing image file": (dict(messages=_ask(ITEMS[0], "/no/such/image.png")), openai.BadRequestError, "invalid_image",
+                           "/no/such/image.png) could not be read: no such file"),
     "too many images": (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(_image(ITEMS[0]))}}] * 7
                                         + [{"type": "text", "text": "Count."}]}]), openai.BadRequestError, "too_many_images"),
     "prompt over the context": (dict(messages=[{"role": "user", "content": "red square " * 400}]),
@@ -147,13 +148,14 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, case):
     client, name, _ = server
-    kwargs, error, code = BAD[case]
+    kwargs, error, code, *says = BAD[case]
     request = {"model": name, "messages": _ask(ITEMS[0]), "max_tokens": 4, **kwargs}
     for stream in (False, True):
         with pytest.raises(error) as e:
             client.chat.completions.create(**request, stream=stream)
         assert 400 <= e.value.status_code < 500
         assert e.value.body["message"] and (code is None or e.value.code == code), e.value.body
+        assert all(text in e.value.body["message"] for text in says), e.value.body
     good = client.chat.completions.create(model=name, messages=_ask(ITEMS[0]), max_tokens=8)
     assert _correct(good.choices[0].message.content, ITEMS[0])
 
