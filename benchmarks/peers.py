@@ -63,7 +63,7 @@ def command(method: str, src: Path, out: Path, bits: int, calib: Path, args) -> 
         return [*peers, "dwq", str(src), str(out), *common, "--student", str(out.parent / "lm-awq"),
                 "--num-samples", str(args.dwq_samples)]
     quantize = [py, "-m", "speedq_mlx", "quantize", "-m", str(src), "--bits", str(bits), "-o", str(out),
-                "--overwrite", "--run-dir", str(out.parent / "runs" / method)]
+                "--overwrite", "--run-dir", str(out.parent / "runs" / out.name)]
     if method == "speedq-rtn":
         return [*quantize, "--method", "rtn"]
     if method.startswith("speedq@"):  # speedq@RECIPE: a variant, named speedq@<recipe stem>
