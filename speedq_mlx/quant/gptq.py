@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..errors import SpeedQError
 from . import format as Q
 from .layers import QuantLinear
 
@@ -63,6 +64,29 @@ def _group_params(w: np.ndarray, gram: np.ndarray, bits: int, search: bool, scal
     return s[best, rows], b[best, rows]
 
 
+def inverse_cholesky(H: np.ndarray, retries: int = 4) -> np.ndarray:
+    """Upper U with (H + damp I)^-1 = U^T U, damp = DAMP x mean diagonal.
+
+    H is symmetrised first and inverted through its own Cholesky factor: MLX's float32
+    x^T x is not exactly symmetric, and a plain inverse amplifies that by 1 / lambda_min^2,
+    enough on Qwen2.5-0.5B's outlier channels for the inverse to have no Cholesky factor.
+    If one still fails, the damping is raised tenfold (a fallback)."""
+    if not np.isfinite(H).all():
+        raise FloatingPointError("the calibration inputs' Gram matrix is not finite")
+    H = (H + H.T) / 2
+    eye = np.eye(H.shape[0])
+    damp = DAMP * np.mean(np.diag(H))
+    for attempt in range(retries + 1):
+        try:
+            lower_inv = np.linalg.inv(np.linalg.cholesky(H + damp * eye))  # H = L L^T
+            return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+        except np.linalg.LinAlgError:
+            if attempt == retries:
+                raise
+            damp *= 10
+    raise AssertionError("unreachable")
+
+
 def gptq_quantize(w, gram, bits: int, group_size: int, search: bool = True, scale_dtype=None,
                   block: int = 128):
     """Codes [out, in] and (scales, biases) [out, in / group] of weight w [out, in] given the
@@ -74,8 +98,7 @@ def gptq_quantize(w, gram, bits: int, group_size: int, search: bool = True, scal
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H0 = H.copy()  # the group searches see the undamped inputs
-    H[np.diag_indices(in_dims)] += DAMP * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    U = inverse_cholesky(H)
     top = Q.n_levels(bits)
     n_groups = in_dims // group_size
     scales, biases = np.zeros((out_dims, n_groups)), np.zeros((out_dims, n_groups))
@@ -180,9 +203,14 @@ def gptq_init(model, layers: dict, skip: list, batches: list, image_token: int, 
         linears = sorted(set(linears))
         grams = _layer_grams(layer, linears, inputs, masks, compute_dtype)
         for n in linears:
-            bits, group = layers[f"{prefix}.{i}.{n}"]
-            stats[f"{prefix}.{i}.{n}"] = _round_linear(_get(layer, n), np.array(grams[n]), bits, group,
-                                                      n.rsplit(".", 1)[-1] not in skip, scale_dtype)
+            path = f"{prefix}.{i}.{n}"
+            bits, group = layers[path]
+            try:
+                stats[path] = _round_linear(_get(layer, n), np.array(grams[n]), bits, group,
+                                            n.rsplit(".", 1)[-1] not in skip, scale_dtype)
+            except (FloatingPointError, np.linalg.LinAlgError) as e:
+                raise SpeedQError(f"gptq init failed at {path}: {e} (set [stage3] init = \"clip\" "
+                                  "in the recipe to start from the clip search instead)") from None
         inputs = [layer(h, "causal", None) for h in inputs]  # the quantized layer feeds the next
         mx.eval(inputs)
     if stats:

@@ -87,3 +87,43 @@ def test_group_search_is_the_clip_search():
         s2, b2, _ = search_clip(mx.array(w.astype(np.float32)), mx.array(gram[None].astype(np.float32)), bits, 64, mx.float16)
         np.testing.assert_array_equal(s, np.array(s2)[:, 0])
         np.testing.assert_array_equal(b, np.array(b2)[:, 0])
+
+
+def test_inverse_cholesky_factors_the_damped_inverse_and_raises_the_damping_only_when_needed():
+    from speedq_mlx.quant.gptq import inverse_cholesky
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 32))
+    H = x.T @ x
+    U = inverse_cholesky(H)
+    damped = H + DAMP * np.mean(np.diag(H)) * np.eye(32)
+    assert np.allclose(np.triu(U), U) and np.allclose(U.T @ U, np.linalg.inv(damped), rtol=1e-8, atol=1e-12)
+    # indefinite beyond GPTQ's default damping (as float32 rounding leaves outlier Gram matrices):
+    # one eigenvalue at -5% of the mean diagonal; the factor is of the tenfold damping's inverse
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    eig = np.full(32, 1.0)
+    eig[0] = -0.05 * np.mean(np.diag(q @ np.diag(np.abs(eig)) @ q.T))
+    bad = q @ np.diag(eig) @ q.T
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(bad + DAMP * np.mean(np.diag(bad)) * np.eye(32))
+    U = inverse_cholesky(bad)
+    assert np.allclose(U.T @ U, np.linalg.inv(bad + 10 * DAMP * np.mean(np.diag(bad)) * np.eye(32)), rtol=1e-8)
+    with pytest.raises(FloatingPointError):
+        inverse_cholesky(np.full((4, 4), np.nan))
+
+
+def test_inverse_cholesky_survives_the_asymmetry_of_a_float32_gram_matrix():
+    """MLX's float32 x^T x is not exactly symmetric; inverting it as it is amplifies that
+    by 1 / lambda_min^2 and the Cholesky factor (one triangle) of the inverse can fail - as it
+    did on Qwen2.5-0.5B's layer-0 q/k/v inputs. The factor is of the symmetrised matrix."""
+    from speedq_mlx.quant.gptq import inverse_cholesky
+
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    H = q @ np.diag(np.logspace(0, 5, 64)) @ q.T
+    A = H + np.triu(rng.normal(size=(64, 64)), 1)
+    damped = (A + A.T) / 2 + DAMP * np.mean(np.diag(A)) * np.eye(64)
+    with pytest.raises(np.linalg.LinAlgError):  # the old way: inv, then Cholesky
+        np.linalg.cholesky(np.linalg.inv(A + DAMP * np.mean(np.diag(A)) * np.eye(64)))
+    U = inverse_cholesky(A)
+    assert np.allclose(U.T @ U, np.linalg.inv(damped), rtol=1e-7, atol=1e-12)
