@@ -58,6 +58,19 @@ def quantize(
     compute_dtype: str = typer.Option("float32", "--compute-dtype",
                                       help="dtype to compute in (float32 is fastest on a Linux CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    target_size: Optional[str] = typer.Option(None, "--target-size",
+                                              help="Fit the artifact folder in this size (315MB, 1.2GB; MB = 10^6 "
+                                                   "bytes): per-module bits chosen by sensitivity on --text/--data."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw",
+                                               help="Fit this many bits per weight over the quantizable modules "
+                                                    "(as speedq-mlx inspect counts them), chosen by sensitivity."),
+    plan: Optional[Path] = typer.Option(None, "--plan",
+                                        help="Use a plan.json (from a --target-size run, or edited by hand)."),
+    sensitivity_windows: int = typer.Option(8, "--sensitivity-windows",
+                                            help="--target-*: calibration text windows of the sensitivity estimate."),
+    sensitivity_tokens: int = typer.Option(256, "--sensitivity-tokens", help="--target-*: tokens per window."),
+    sensitivity_images: int = typer.Option(8, "--sensitivity-images",
+                                           help="--target-*: image samples (from --data or --images), one tile each."),
     run_eval: bool = typer.Option(False, "--eval",
                                   help="Evaluate the artifact against the source model at the end; "
                                        "the table goes into its README.md (see speedq-mlx eval)."),

@@ -153,3 +153,37 @@ def calibration_batches(run: Run, text_file, data: TrainData, n_tokens: int, n_w
     if with_images:
         out.append(collate(with_images, run.pad_id))
     return out
+
+
+SENSITIVITY_PROMPT = f"{internvl.IMAGE}\nDescribe the image in detail."
+
+
+def sensitivity_batches(run: Run, opts: DataOptions, n_windows: int, n_tokens: int,
+                        n_images: int) -> tuple[list[dict], int]:
+    """(batches of one sequence each, how many carry an image) for the Fisher estimate of
+    quant.sensitivity: --text windows (else the conversations' text), then up to `n_images`
+    conversations with an image (--data), else a describe-this prompt per --images file, at
+    one tile each (the tower's typical activations, at a fraction of the compute). Image
+    samples are scored from their last image token on: what the image can change."""
+    records = []
+    if opts.data:
+        records = training_records(run, DataOptions(data=opts.data, image_root=opts.image_root,
+                                                    max_samples=opts.max_samples), None)
+    texts = load_text(opts.text) if opts.text else record_texts(records, internvl.template(run.config))
+    out = [{"input_ids": w[None], "pixel_values": None, "start": 0}
+           for w in token_windows(texts, run.tokenizer, n_tokens, n_windows, run.seed)]
+    with_images = [r for r in records if r.images]
+    if not with_images and opts.images is not None and n_images:
+        with_images = [Record([{"role": "user", "content": SENSITIVITY_PROMPT},
+                               {"role": "assistant", "content": ""}], [p], str(p))
+                       for p in find_images(opts.images)[:n_images]]
+    enc = encoder(run.config, run.tokenizer, 1)
+    n_img = 0
+    for s in iter_samples(with_images[: 4 * n_images], enc, opts.max_length, progress=False):
+        if n_img == n_images:
+            break
+        ids = mx.array([s.input_ids], dtype=mx.int32)
+        last = max(i for i, t in enumerate(s.input_ids) if t == enc.image_token_id)
+        out.append({"input_ids": ids, "pixel_values": s.pixel_values, "start": last})
+        n_img += 1
+    return out, n_img

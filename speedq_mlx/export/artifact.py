@@ -88,16 +88,32 @@ def write_artifact(out_dir: Path, model: nn.Module, plan: dict, source_config: d
         config = artifact_config(source_config, plan, model, tokenizer, dtype)
         weights = artifact_weights(model, dtype)
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-        tokenizer.chat_template = jinja_template(internvl.template(config))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        gen = {"eos_token_id": config["eos_token_id"], "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        for name, content in internvl.processor_files(config).items():
-            (tmp / name).write_text(json.dumps(content, indent=2))
+        write_support_files(tmp, config, tokenizer)
         write_card(tmp, card_info)
     return out_dir
+
+
+def write_support_files(folder: Path, config: dict, tokenizer) -> None:
+    """Everything but the weights and the model card: tokenizer, chat template, configs."""
+    tokenizer.chat_template = jinja_template(internvl.template(config))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    gen = {"eos_token_id": config["eos_token_id"], "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    for name, content in internvl.processor_files(config).items():
+        (folder / name).write_text(json.dumps(content, indent=2))
+
+
+def support_files_bytes(source_config: dict, tokenizer, dtype) -> int:
+    """What write_support_files writes for an unquantized config (a size budget adds a
+    bound for the quantization entries): written to a scratch folder and measured."""
+    import tempfile
+
+    config = artifact_config(source_config, {}, None, tokenizer, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_support_files(Path(tmp), config, tokenizer)
+        return sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
 
 
 def check_output(out_dir: Path, overwrite: bool) -> None:

@@ -83,7 +83,9 @@ def format_report(rep: dict) -> str:
     """A plain-text table (also used in the model card)."""
     lines = [f"{'component':<11} {'quantization':<24} {'params':>13} {'MiB':>9} {'bits/w':>7}"]
     for r in rep["components"]:
-        lines.append(f"{r['component']:<11} {r['settings']:<24} {r['params']:>13,} "
+        settings = r["settings"].split(", ")  # a budgeted plan mixes many: the card lists them
+        shown = r["settings"] if len(settings) <= 2 else f"mixed: {len(settings)} settings"
+        lines.append(f"{r['component']:<11} {shown:<24} {r['params']:>13,} "
                      f"{r['bytes'] / 2**20:>9.2f} {r['bits_per_weight']:>7.3f}")
     lines.append(f"{'total':<11} {'':<24} {rep['params']:>13,} "
                  f"{rep['weight_bytes'] / 2**20:>9.2f} {rep['bits_per_weight']:>7.3f}")

@@ -134,3 +134,11 @@ def is_mlx_folder(path: Path) -> bool:
     """Weights written by MLX (an exported folder, quantized or not), not a HF checkpoint."""
     files = sorted(Path(path).glob("*.safetensors"))
     return bool(files) and safetensors_header(files[0], metadata=True).get("format") == "mlx"
+
+
+def checkpoint_header(path: Path) -> dict:
+    """safetensors_header of every *.safetensors file of a folder, merged."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(safetensors_header(f))
+    return out

@@ -106,13 +106,26 @@ def rtn_params(
     bits the zero-exact grid keeps near-zero weights - most of them - at 0 instead of +-s/2
     (held-out KL of SmolLM2-135M at W2: 7.5 against 10.6 for min/max), while weights that
     already sit on a min/max grid (a Q4_1 GGUF's) re-quantize losslessly with min/max."""
+    scales, biases, _ = rtn_fit(w, bits, group_size, scale_dtype)
+    return scales, biases
+
+
+def rtn_fit(
+    w: mx.array, bits: int, group_size: int, scale_dtype=None
+) -> tuple[mx.array, mx.array, mx.array]:
+    """(scales, biases, dequantized weight) of `rtn_params`: the grid and Q(w) it gives,
+    the latter from the reconstruction already made to choose the grid (lazy: free when
+    unused; what quant.sensitivity prices every candidate setting with)."""
     candidates = [mlx_params(w, bits, group_size, scale_dtype),
                   minmax_params(w, bits, group_size, scale_dtype)]
-    errs = [((dequantize(codes(w, s, b, bits, group_size), s, b, group_size) - w) ** 2)
-            .reshape(*s.shape, group_size).sum(axis=-1) for s, b in candidates]
+    deq = [grouped(dequantize(codes(w, s, b, bits, group_size), s, b, group_size), group_size)
+           for s, b in candidates]
+    g = grouped(w, group_size)
+    errs = [((d - g) ** 2).sum(axis=-1) for d in deq]
     use_mlx = errs[0] <= errs[1]
     (s0, b0), (s1, b1) = candidates
-    return mx.where(use_mlx, s0, s1), mx.where(use_mlx, b0, b1)
+    q = mx.where(use_mlx[..., None], deq[0], deq[1]).reshape(w.shape)
+    return mx.where(use_mlx, s0, s1), mx.where(use_mlx, b0, b1), q
 
 
 def codes(

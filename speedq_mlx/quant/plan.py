@@ -42,21 +42,68 @@ def build_plan(model: nn.Module, settings: dict, overrides: dict | None = None) 
     """path -> (bits, group_size) | None, validated against each module's input dimension."""
     plan = {}
     for path, module in sorted(quantizable_modules(model).items()):
-        setting = settings.get(component_of(path))
-        for pattern, value in (overrides or {}).items():
-            if fnmatchcase(path, pattern):
-                setting = value
-        if setting is not None:
-            bits, group = setting
-            try:
-                Q.check_format(bits, group, module.weight.shape[-1], name=path)
-            except Q.QuantFormatError as e:
-                raise SpeedQError(
-                    f"{e}; refusing to run (set a smaller group_size, or "
-                    f"\"{path}\" = \"none\" under [quant.overrides] to keep it in float)"
-                ) from None
+        setting = setting_for(path, settings, overrides)
+        check_setting(path, module, setting)
         plan[path] = setting
     return plan
+
+
+def setting_for(path: str, settings: dict, overrides: dict | None = None):
+    """The recipe's setting of one module: its component's, or the last override matching it."""
+    setting = settings.get(component_of(path))
+    for pattern, value in (overrides or {}).items():
+        if fnmatchcase(path, pattern):
+            setting = value
+    return setting
+
+
+def overridden(path: str, overrides: dict | None) -> bool:
+    return any(fnmatchcase(path, pattern) for pattern in (overrides or {}))
+
+
+def check_setting(path: str, module: nn.Module, setting, where: str = "") -> None:
+    """A one-line SpeedQError when MLX's affine format cannot hold `setting` for this module."""
+    if setting is None:
+        return
+    try:
+        Q.check_format(*setting, module.weight.shape[-1], name=path)
+    except Q.QuantFormatError as e:
+        raise SpeedQError(
+            f"{where}{e}; refusing to run (set a smaller group_size, or "
+            f"\"{path}\" = \"none\" under [quant.overrides] to keep it in float)"
+        ) from None
+
+
+def read_plan_file(path, model: nn.Module, base: dict) -> tuple[dict, int]:
+    """(`base` with the settings of a plan.json - written by a --target-size run, or by hand -
+    checked as build_plan checks them, and how many modules it set): every entry of its
+    "modules" needs "bits" and "group_size" (bits null or "none": float)."""
+    import json
+    from pathlib import Path
+
+    from .recipe import parse_setting
+
+    where = f"plan {path}: "
+    try:
+        entries = json.loads(Path(path).read_text()).get("modules")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise SpeedQError(f"{where}not a readable plan file ({type(e).__name__})") from None
+    if not isinstance(entries, dict):
+        raise SpeedQError(f"{where}no \"modules\" object (path -> {{bits, group_size}})")
+    modules, plan = quantizable_modules(model), dict(base)
+    for name, entry in entries.items():
+        if name not in modules:
+            raise SpeedQError(f"{where}{name!r} is not a quantizable module of this model")
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise SpeedQError(f"{where}{name!r}: expected {{\"bits\": N, \"group_size\": G}}, got {entry!r}")
+        fields = {k: entry[k] for k in ("bits", "group_size") if entry.get(k) is not None}
+        try:
+            setting = parse_setting(fields if fields.get("bits") is not None else "none", f"{where}{name!r}")
+        except (TypeError, ValueError):
+            raise SpeedQError(f"{where}{name!r}: bits and group_size must be integers, got {entry!r}") from None
+        check_setting(name, modules[name], setting, where)
+        plan[name] = setting
+    return plan, len(entries)
 
 
 def select(plan: dict, *components: str) -> dict:

@@ -58,7 +58,7 @@ def _checked(bits: int, group: int, where: str) -> tuple[int, int]:
     return bits, group
 
 
-def _setting(value, where: str):
+def parse_setting(value, where: str):
     """A {bits, group_size} table -> (bits, group_size); "none" / false -> None."""
     if value in ("none", False, None):
         return None
@@ -82,7 +82,7 @@ def component_settings(recipe: dict, bits: int | None = None, group_size: int | 
     out = {}
     for comp in COMPONENTS:
         if comp in quant:
-            out[comp] = _setting(quant[comp], f"{where} [quant.{comp}]")
+            out[comp] = parse_setting(quant[comp], f"{where} [quant.{comp}]")
         elif comp in MAIN_COMPONENTS:
             out[comp] = _checked(int(base_bits), int(base_group), f"{where} [quant]")
         else:
@@ -93,5 +93,5 @@ def component_settings(recipe: dict, bits: int | None = None, group_size: int | 
 def overrides(recipe: dict) -> dict:
     """module-path glob -> (bits, group_size) or None, in file order."""
     raw = recipe.get("quant", {}).get("overrides", {})
-    return {pat: _setting(v, f"{recipe.get('path', 'recipe')} [quant.overrides] {pat!r}")
+    return {pat: parse_setting(v, f"{recipe.get('path', 'recipe')} [quant.overrides] {pat!r}")
             for pat, v in raw.items()}

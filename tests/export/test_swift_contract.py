@@ -198,16 +198,27 @@ def speedq_fill(tree: dict, mlp1_length: int) -> dict:
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_ckpt, tmp_path_factory):
+@pytest.fixture(scope="module", params=["recipe", "budget"])
+def artifact(request, tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with mixed precision: vision 4-bit g32 (layer 0 kept float),
     projector 8-bit, language 2-bit g64 with one 3-bit g32 module, embeddings 4-bit g32,
-    lm_head 6-bit g64."""
+    lm_head 6-bit g64; or ("budget") the same recipe under --target-size, which keeps the
+    overrides and the (imageless) vision tower and projector as they are and chooses every
+    other module's bits and group by sensitivity."""
+    from devkit.testing import ENGLISH_TEXT
+
     tmp = tmp_path_factory.mktemp("swift-contract")
     recipe = tmp / "mixed.toml"
     recipe.write_text(MIXED_RECIPE)
-    out = quantize(QuantizeArgs(method="rtn", model=str(tiny_ckpt), output=tmp / "art", bits=2, recipe=recipe),
-                   log=lambda *a: None)
+    extra = {}
+    if request.param == "budget":
+        (tmp / "calib.txt").write_text("\n\n".join([ENGLISH_TEXT] * 8))
+        extra = {"target_size": "1.0MB", "text": tmp / "calib.txt", "sensitivity_tokens": 64}
+    out = quantize(QuantizeArgs(method="rtn", model=str(tiny_ckpt), output=tmp / "art", bits=2, recipe=recipe,
+                                **extra), log=lambda *a: None)
+    if request.param == "budget":
+        plan = json.loads((tmp / "runs" / "art" / "plan.json").read_text())["modules"]
+        assert len({(m["bits"], m["group_size"]) for m in plan.values() if not m["fixed"]}) >= 3
     return Path(out)
 
 
