@@ -75,16 +75,18 @@ def inverse_cholesky(H: np.ndarray, retries: int = 4) -> np.ndarray:
         raise FloatingPointError("the calibration inputs' Gram matrix is not finite")
     H = (H + H.T) / 2
     eye = np.eye(H.shape[0])
+
+    def factor(damp: float) -> np.ndarray:
+        lower_inv = np.linalg.inv(np.linalg.cholesky(H + damp * eye))  # H = L L^T
+        return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+
     damp = DAMP * np.mean(np.diag(H))
-    for attempt in range(retries + 1):
+    for _ in range(retries):
         try:
-            lower_inv = np.linalg.inv(np.linalg.cholesky(H + damp * eye))  # H = L L^T
-            return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+            return factor(damp)
         except np.linalg.LinAlgError:
-            if attempt == retries:
-                raise
             damp *= 10
-    raise AssertionError("unreachable")
+    return factor(damp)  # the last try's error is the caller's
 
 
 def gptq_quantize(w, gram, bits: int, group_size: int, search: bool = True, scale_dtype=None,
