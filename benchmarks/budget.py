@@ -17,7 +17,7 @@
 
     python -m benchmarks.budget                  # both parts
     python -m benchmarks.budget --parts b        # SmolLM2 only (~13 min on 2 busy cores)
-    python -m benchmarks.budget --parts b --with-speedq   # + SPEED-Q stage 3 on both plans (long)
+    python -m benchmarks.budget --parts b --with-speedq   # + SPEED-Q stage 3 on uniform, 100%, 90% (~40 min more)
 
 Writes benchmarks/results/budget.json (parts merged with an existing file).
 """
@@ -153,10 +153,15 @@ def part_b(work: Path, calib: Path, held: Path, args) -> dict:
             runs[name] = run(quantize_cmd(src, work / name, "--method", "rtn", "--recipe", W2_RECIPE, "--plan", plan),
                              work / "logs" / f"{name}.log")
             arts[name] = work / name
-    if args.with_speedq:
-        for name, extra in (("speedq-uniform-w2", []), ("speedq-budget-100", ["--plan", plan_json])):
-            runs[name] = run(quantize_cmd(src, work / name, "--stages", "3", "--text", calib, "--recipe", W2_RECIPE,
-                                          *extra), work / "logs" / f"{name}.log")
+    if args.with_speedq:  # the same plans (uniform, same size, 90%) through SPEED-Q stage 3
+        plans = {"uniform-w2": [], "budget-100": ["--plan", plan_json],
+                 "budget-90": ["--plan", work / "budget-90.plan.json"]}
+        for base, extra in plans.items():
+            if base not in arts:
+                continue
+            name = f"speedq-{base}"
+            runs[name] = run(quantize_cmd(src, work / name, "--stages", "3", "--text", calib, "--recipe",
+                                          args.speedq_recipe, *extra), work / "logs" / f"{name}.log")
             arts[name] = work / name
     windows = held_out_windows(src, held, args.windows, args.window_tokens)
     print(f"scoring {len(arts)} artifacts on {windows.shape[0]} x {windows.shape[1]} held-out tokens", flush=True)
@@ -208,6 +213,8 @@ def main() -> None:
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--work", type=Path, default=DEV_CACHE / "budget-bench")
     ap.add_argument("--with-speedq", action="store_true", help="(b): also SPEED-Q stage 3 on the uniform and budgeted plans")
+    ap.add_argument("--speedq-recipe", type=Path, default=ROOT / "benchmarks" / "recipes" / "budget-w2-speedq.toml",
+                    help="(b) --with-speedq: the stage-3 recipe (default: peers-w2.toml cut to 40 QAT steps)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window-tokens", type=int, default=512)
     ap.add_argument("--json", type=Path, default=RESULTS)
