@@ -38,6 +38,7 @@ W2_RECIPE = ROOT / "benchmarks" / "recipes" / "peers-w2.toml"
 DEV_CACHE = Path(os.environ.get("SPEEDQ_DEV_CACHE", Path.home() / ".cache" / "speedq-dev"))
 TARGET_A = "315MB"
 RATIOS = (1.0, 0.9, 0.87, 0.84)  # of uniform W2's size; SmolLM2's floor (all 2-bit g128) is ~0.83
+SPEEDQ_PLANS = ("uniform-w2", "budget-100", "budget-90")  # --with-speedq: uniform, same size, 10% smaller
 
 
 def quantize_cmd(src: Path, out: Path, *flags) -> list[str]:
@@ -146,22 +147,20 @@ def part_b(work: Path, calib: Path, held: Path, args) -> dict:
                                           size, "--text", calib), work / "logs" / "budget-100.log")
     arts["budget-100"] = first
     plan_json = work / "runs" / first.name / "plan.json"
+    plan_flags = {"uniform-w2": [], "budget-100": ["--plan", plan_json]}  # each RTN plan, as quantize takes it
     for r in RATIOS[1:]:
         name = f"budget-{round(r * 100)}"
         plan = work / f"{name}.plan.json"
         if resolve(plan_json, src, int(size * r), plan):
-            runs[name] = run(quantize_cmd(src, work / name, "--method", "rtn", "--recipe", W2_RECIPE, "--plan", plan),
+            plan_flags[name] = ["--plan", plan]
+            runs[name] = run(quantize_cmd(src, work / name, "--method", "rtn", "--recipe", W2_RECIPE, *plan_flags[name]),
                              work / "logs" / f"{name}.log")
             arts[name] = work / name
-    if args.with_speedq:  # the same plans (uniform, same size, 90%) through SPEED-Q stage 3
-        plans = {"uniform-w2": [], "budget-100": ["--plan", plan_json],
-                 "budget-90": ["--plan", work / "budget-90.plan.json"]}
-        for base, extra in plans.items():
-            if base not in arts:
-                continue
+    if args.with_speedq:  # the same plans through SPEED-Q stage 3
+        for base in (b for b in SPEEDQ_PLANS if b in plan_flags):
             name = f"speedq-{base}"
             runs[name] = run(quantize_cmd(src, work / name, "--stages", "3", "--text", calib, "--recipe",
-                                          args.speedq_recipe, *extra), work / "logs" / f"{name}.log")
+                                          args.speedq_recipe, *plan_flags[base]), work / "logs" / f"{name}.log")
             arts[name] = work / name
     windows = held_out_windows(src, held, args.windows, args.window_tokens)
     print(f"scoring {len(arts)} artifacts on {windows.shape[0]} x {windows.shape[1]} held-out tokens", flush=True)

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import SpeedQError
-from .format import QuantFormatError, check_format
+from .format import is_representable
 from .plan import component_of
 
 CANDIDATE_BITS = (2, 3, 4, 6, 8)
@@ -95,15 +95,7 @@ def target_of(size: str | None, bpw: float | None) -> Target | None:
 def candidates(in_dims: int) -> list:
     """Settings a module may take: float (None) and every bits x group that MLX's format
     holds for in_dims (format.check_format is the rule)."""
-    return [None] + [(b, g) for b in CANDIDATE_BITS for g in CANDIDATE_GROUPS if representable(b, g, in_dims)]
-
-
-def representable(bits: int, group_size: int, in_dims: int) -> bool:
-    try:
-        check_format(bits, group_size, in_dims)
-    except QuantFormatError:
-        return False
-    return True
+    return [None] + [(b, g) for b in CANDIDATE_BITS for g in CANDIDATE_GROUPS if is_representable(b, g, in_dims)]
 
 
 def module_bytes(n: int, setting, dtype_bytes: int) -> int:

@@ -40,6 +40,15 @@ def check_format(bits: int, group_size: int, in_dims: int | None = None, name: s
         )
 
 
+def is_representable(bits: int, group_size: int, in_dims: int) -> bool:
+    """check_format as a predicate, for callers that choose among settings."""
+    try:
+        check_format(bits, group_size, in_dims)
+    except QuantFormatError:
+        return False
+    return True
+
+
 def n_levels(bits: int) -> int:
     """Largest code, 2**bits - 1."""
     return (1 << bits) - 1
