@@ -12,6 +12,7 @@ from ..data.encode import collate as collate_samples
 from ..data.sources import TrainData
 from ..errors import SpeedQError
 from ..model.forward import row_logits
+from ..quant.layers import pack_frozen
 from ..run import Run, fingerprint
 from ..train import distributed as dist
 from ..train.loop import TrainConfig, batch_order, train
@@ -166,7 +167,10 @@ def train_stage(run: Run, model, teacher, data: TrainData, cfg: StageConfig, nam
                 fingerprint_parts: tuple = (), topk=None, topk_held_out=None) -> dict:
     """The shared tail of stages 2 and 3: gamma, the loss, and the training loop (`teacher`
     a stages.teacher.Teacher; with cached top-k for training and held-out samples it is not
-    asked for)."""
+    asked for). Fake-quantized layers the stage does not train are packed for good first
+    (`quant.layers.pack_frozen`): a latent weight nothing will train again is memory lost."""
+    pack_frozen(model)
+    mx.clear_cache()
     get_batch = batcher(run, data.samples, cfg, teacher, topk)
     g = gamma(run, cfg, teacher, get_batch, name)
     fp = fingerprint(asdict(cfg), *data.fingerprint(), *fingerprint_parts)

@@ -135,3 +135,31 @@ def test_quant_embedding_converts_and_serves_tied_head():
 def test_check_format_rejects_unrepresentable(bits, group, dims, msg):
     with pytest.raises(Q.QuantFormatError, match=msg):
         Q.check_format(bits, group, dims)
+
+
+@pytest.mark.parametrize("learn_qparams", [False, True])
+def test_pack_for_good_keeps_function_and_export_and_drops_the_latent(learn_qparams):
+    """A frozen layer packed for good computes and exports exactly what it did, and no
+    longer holds its float latent (the codes decide both, so nothing may train it again)."""
+    from speedq_mlx.quant.layers import pack_frozen
+
+    emb = QuantEmbedding.from_embedding(nn.Embedding(100, 64), 4, 32, learn_qparams=learn_qparams)
+    lin = QuantLinear.from_linear(nn.Linear(64, 32), 2, 32, learn_qparams=learn_qparams)
+    model = nn.Sequential(emb, lin)
+    ids = mx.array([[1, 5, 99]])
+    before_out, before_packed = model(ids), {i: m.packed() for i, m in enumerate(model.layers)}
+    latent = emb.weight
+    lin.freeze()
+    emb.freeze()
+    lin.unfreeze()  # trainable layers stay as they are
+    assert pack_frozen(model) == 1 and emb.packed_for_good and not lin.packed_for_good
+    assert emb.weight is not latent and not np.array_equal(np.array(emb.weight), np.array(latent))
+    lin.freeze()
+    assert pack_frozen(model) == 1 and pack_frozen(model) == 0
+    np.testing.assert_array_equal(np.array(model(ids)), np.array(before_out))
+    for i, m in enumerate(model.layers):
+        for k, v in m.packed().items():
+            np.testing.assert_array_equal(np.array(v), np.array(before_packed[i][k]))
+    emb.unfreeze()
+    with pytest.raises(RuntimeError, match="packed for good"):
+        emb(ids)
