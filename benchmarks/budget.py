@@ -27,15 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from devkit.texts import DEV_CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "budget.json"
 W2_RECIPE = ROOT / "benchmarks" / "recipes" / "peers-w2.toml"
-DEV_CACHE = Path(os.environ.get("SPEEDQ_DEV_CACHE", Path.home() / ".cache" / "speedq-dev"))
 TARGET_A = "315MB"
 RATIOS = (1.0, 0.9, 0.87, 0.84)  # of uniform W2's size; SmolLM2's floor (all 2-bit g128) is ~0.83
 SPEEDQ_PLANS = ("uniform-w2", "budget-100", "budget-90")  # --with-speedq: uniform, same size, 10% smaller
@@ -133,9 +133,9 @@ def crossing(points: list[tuple[float, float]], level: float) -> tuple[float | N
 
 
 def part_b(work: Path, calib: Path, held: Path, args) -> dict:
-    from benchmarks.peers import checkpoint, held_out_windows, score_all
+    from benchmarks.peers import WORK, checkpoint, held_out_windows, score_all
 
-    src = checkpoint("smollm", DEV_CACHE / "peers-bench")
+    src = checkpoint("smollm", WORK)
     work.mkdir(parents=True, exist_ok=True)
     arts, runs = {}, {}
     uniform = work / "uniform-w2"

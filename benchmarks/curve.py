@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 
-from .peers import checkpoint
+from .peers import WORK, checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -119,7 +118,7 @@ def plot(curves: list, png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("SPEEDQ_DEV_CACHE", Path.home() / ".cache" / "speedq-dev")) / "peers-bench")
+    ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--peers", type=Path, default=RESULTS / "peers.json")
     ap.add_argument("--mac-tflops", type=float, default=10.0, help="ASSUMED sustained fp32 TFLOP/s of a Mac in training")
     ap.add_argument("--json", type=Path, default=RESULTS / "curve.json")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devkit.texts import DEV_CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GB = 12.0
 RECIPE = """
@@ -137,7 +139,7 @@ def phase_peaks(samples: list, phases: list) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("SPEEDQ_DEV_CACHE", Path.home() / ".cache" / "speedq-dev")) / "memory-bench")
+    ap.add_argument("--work", type=Path, default=DEV_CACHE / "memory-bench")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     args = ap.parse_args()
     from devkit.qwen import qwen_checkpoint

@@ -31,10 +31,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from devkit.texts import DEV_CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("vlm-rtn", "vlm-awq", "lm-gptq", "lm-awq", "lm-dwq", "speedq-rtn", "speedq")
 LM_COMPONENTS = ("language", "embeddings", "lm_head")
+WORK = DEV_CACHE / "peers-bench"  # artifacts, logs and run folders (budget.py and curve.py read them)
 
 
 def checkpoint(name: str, work: Path) -> Path:
@@ -206,7 +209,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rerun", default="", help="comma list of methods to quantize again")
     ap.add_argument("--recipe", type=Path, default=None, help="speedq's recipe (default benchmarks/recipes/peers-w<bits>.toml)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("SPEEDQ_DEV_CACHE", Path.home() / ".cache" / "speedq-dev")) / "peers-bench")
+    ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window-tokens", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=32)
