@@ -55,12 +55,13 @@ class FakeQuant(nn.Module):
         On a 0.5B language model that frees the fp32 latents of embeddings and lm_head (1.1 GB)."""
         if self.packed_for_good:
             return
-        packed, dequantized = self.packed(), self._quantize_frozen()
+        self.freeze()
+        dequantized = self.dequantized_weight()  # the frozen cache when a forward made it already
+        packed = self.packed()
         mx.eval(packed)
         object.__setattr__(self, "_packed", packed)
         object.__setattr__(self, "_dq_cache", None)
         self.weight = dequantized
-        self.freeze()
 
     def dequantized_weight(self) -> mx.array:
         if self.packed_for_good:
