@@ -64,6 +64,7 @@ batch = 2
 lr = 1e-5
 checkpoint_every = 1
 teacher = "cached"
+micro_batch = 1
 learn_qparams = true
 grad_checkpoint = true
 gamma_batches = 2

@@ -111,11 +111,18 @@ def loss_fn(cfg: StageConfig, gamma: float, image_token: int):
 
 
 def batcher(run: Run, samples: list, cfg: StageConfig, teacher, topk=None):
-    """get_batch(step): this rank's share of step's batch, with the teacher's targets."""
-    def get_batch(step):
-        idx = dist.shard(batch_order(len(samples), step, cfg.train.batch, cfg.train.seed))
+    """get_batch(step): this rank's share of step's batch, with the teacher's targets; with
+    [stage] micro_batch, a list of micro-batches of that many samples (train.loop.accumulate)."""
+    def collated(idx):
         b = collate([samples[i] for i in idx], run.pad_id, [topk[i] for i in idx] if topk else None)
         return with_teacher(b, cfg, teacher, run.image_token)
+
+    def get_batch(step):
+        idx = dist.shard(batch_order(len(samples), step, cfg.train.batch, cfg.train.seed))
+        size = cfg.train.micro_batch
+        if not size or size >= len(idx):
+            return collated(idx)
+        return [collated(idx[i:i + size]) for i in range(0, len(idx), size)]
 
     return get_batch
 
@@ -152,8 +159,9 @@ def held_out_score(run: Run, model, loss, held_out: list, cfg: StageConfig, teac
 
     def score() -> float:
         total = tokens = 0.0
-        for i in range(0, len(held_out), cfg.train.batch):
-            part = slice(i, i + cfg.train.batch)
+        step = cfg.train.micro_batch or cfg.train.batch
+        for i in range(0, len(held_out), step):
+            part = slice(i, i + step)
             b = with_teacher(collate(held_out[part], run.pad_id, topk[part] if topk else None), cfg,
                              teacher, run.image_token)
             value, _, n = loss(model, b)
@@ -173,12 +181,20 @@ def train_stage(run: Run, model, teacher, data: TrainData, cfg: StageConfig, nam
     mx.clear_cache()
     get_batch = batcher(run, data.samples, cfg, teacher, topk)
     g = gamma(run, cfg, teacher, get_batch, name)
-    fp = fingerprint(asdict(cfg), *data.fingerprint(), *fingerprint_parts)
+    fp = fingerprint(computed_settings(cfg), *data.fingerprint(), *fingerprint_parts)
     loss = loss_fn(cfg, g, run.image_token)
     result = train(model, loss, get_batch, cfg.train, run.folder, name, fp, run.log,
                    held_out=held_out_score(run, model, loss, data.held_out, cfg, teacher, topk_held_out))
     result["gamma"] = g
     return result
+
+
+def computed_settings(cfg: StageConfig) -> dict:
+    """The settings that change what a stage computes, for its checkpoints' fingerprint:
+    micro_batch does not (a run that ran out of memory resumes with a smaller one)."""
+    settings = asdict(cfg)
+    settings["train"].pop("micro_batch")
+    return settings
 
 
 def enable_grad_checkpoint(layer) -> None:

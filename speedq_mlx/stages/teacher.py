@@ -87,11 +87,12 @@ def estimate_gamma(teacher, get_batch, n_batches: int, image_token: int) -> floa
     launcher, of every rank's shard of the first n_batches batches)."""
     total = count = 0.0
     for step in range(n_batches):
-        b = get_batch(step)
-        t = b.get("teacher")
-        if t is None:
-            t = row_logits(teacher.model, b["input_ids"], b["pixel_values"], image_token, b["rows"][:2])
-        s, n = L.confidence_rows(t)
-        total, count = total + s, count + n
+        batch = get_batch(step)
+        for b in batch if isinstance(batch, list) else [batch]:  # micro-batches or one batch
+            t = b.get("teacher")
+            if t is None:
+                t = row_logits(teacher.model, b["input_ids"], b["pixel_values"], image_token, b["rows"][:2])
+            s, n = L.confidence_rows(t)
+            total, count = total + s, count + n
     total, count = dist.sum_floats(total, count) if dist.size() > 1 else (total, count)
     return total / max(count, 1.0)

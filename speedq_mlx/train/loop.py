@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import SpeedQError
 from . import distributed as dist
@@ -36,6 +36,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     qparams_lr: float | None = None  # learning rate of learned scales/biases (default: lr)
+    micro_batch: int = 0          # samples per forward/backward pass (0: the whole batch at once)
 
     @classmethod
     def from_section(cls, section: dict, name: str, extra: tuple = ()) -> "TrainConfig":
@@ -136,7 +137,8 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable, cfg: TrainCo
     """Optimise model.trainable_parameters() for cfg.steps steps, checkpointing into the
     run folder (`run.RunFolder`) as <name>_ckpt/ and logging to <name>_log.jsonl.
 
-    loss_fn(model, batch) -> (loss, {metric: value}, n_tokens); get_batch(step) -> batch.
+    loss_fn(model, batch) -> (loss, {metric: value}, n_tokens); get_batch(step) -> batch, or
+    a list of micro-batches whose gradients are accumulated (`accumulate`).
     Returns {"steps", "final_loss", "log"} (+ "best_step", "held_out_loss").
 
     held_out() -> loss on data not trained on. With it, the start and every checkpoint are
@@ -207,7 +209,7 @@ def _step(model, loss_fn, batch, opt, cfg: TrainConfig, step: int, name: str, fo
           last_good: int) -> dict:
     """One optimiser step; returns its log row. A non-finite loss stops the run."""
     t0 = time.time()
-    (loss, metrics, n_tok), grads = _value_metrics_grads(model, loss_fn, batch)
+    (loss, metrics, n_tok), grads = accumulate(model, loss_fn, batch)
     (loss, metrics, n_tok), grads = dist.reduce_step(loss, metrics, n_tok, grads)
     if cfg.grad_clip:
         grads, gnorm = optim.clip_grad_norm(grads, cfg.grad_clip)
@@ -255,6 +257,27 @@ def _end_with_best(folder, name: str, model, best: dict, steps: int, log) -> Non
         mx.eval(model.parameters())
         log(f"{name}: keeping step {best['step']}, the lowest held-out loss "
             f"({best['held_out_loss']:.4f})")
+
+
+def accumulate(model, loss_fn, batch):
+    """_value_metrics_grads of a batch, or of a list of micro-batches combined by tokens as
+    one pass over their union computes them: a step's activations are then those of one
+    micro-batch (on a 0.5B VLM, a photo conversation's backward pass is several GB)."""
+    if not isinstance(batch, list):
+        return _value_metrics_grads(model, loss_fn, batch)
+    loss_sum, metric_sums, tokens, grad_sums = mx.array(0.0), {}, 0.0, None
+    for part in batch:
+        (loss, metrics, n_tok), grads = _value_metrics_grads(model, loss_fn, part)
+        w = float(n_tok)
+        grads = tree_map(lambda g: g * w, grads)
+        grad_sums = grads if grad_sums is None else tree_map(mx.add, grad_sums, grads)
+        loss_sum = loss_sum + loss * w
+        metric_sums = {k: metric_sums.get(k, 0.0) + v * w for k, v in metrics.items()}
+        tokens += w
+        mx.eval(loss_sum, grad_sums, *metric_sums.values())  # frees this part's graph
+    d = max(tokens, 1.0)
+    return ((loss_sum / d, {k: v / d for k, v in metric_sums.items()}, tokens),
+            tree_map(lambda g: g / d, grad_sums))
 
 
 def _value_metrics_grads(model, loss_fn, batch):

@@ -58,10 +58,11 @@ def _models(ckpt, tok, settings):
 W2 = {"vision": (4, 64), "projector": (4, 64), "language": (2, 64), "embeddings": (4, 32), "lm_head": (4, 32)}
 
 
-def _stage3(tmp, ckpt, tok, samples, steps=6, resume=False, log=None, qparams_lr=None, **kw):
+def _stage3(tmp, ckpt, tok, samples, steps=6, resume=False, log=None, qparams_lr=None, micro_batch=0,
+            **kw):
     student, teacher, plan, img = _models(ckpt, tok, W2)
     cfg = StageConfig(train=TrainConfig(steps=steps, lr=3e-3, batch=2, checkpoint_every=3,
-                                        qparams_lr=qparams_lr),
+                                        qparams_lr=qparams_lr, micro_batch=micro_batch),
                       gamma_batches=2, clip_tokens=16, clip_windows=2, **kw)
     calib = [collate(samples[:4], tok.pad_token_id)]
     prepare_stage3(student, plan, cfg, None)
@@ -361,3 +362,24 @@ def test_row_logits_are_the_full_logits_at_those_rows(tiny_ckpt, setup):
     got = row_logits(model, b["input_ids"], b["pixel_values"], image_token_id(tok), rows)
     assert got.shape == (int(np.array(b["loss_mask"])[:, 1:].sum()), full.shape[-1])
     np.testing.assert_allclose(np.array(got), np.array(full[rows[0], rows[1]]), rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_train_as_the_whole_batch_does(tiny_ckpt, setup, tmp_path):
+    """micro_batch = 1 accumulates token-weighted gradients: the same steps as batch 2 in one pass."""
+    tok, _, samples = setup
+    whole, _, res_whole = _stage3(tmp_path / "whole", tiny_ckpt, tok, samples, steps=3)
+    parts, _, res_parts = _stage3(tmp_path / "parts", tiny_ckpt, tok, samples, steps=3, micro_batch=1)
+    rows = [[json.loads(l) for l in (tmp_path / d / "stage3_log.jsonl").read_text().splitlines()]
+            for d in ("whole", "parts")]
+    for a, b in zip(*rows):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    w = dict(tree_flatten(whole.trainable_parameters()))
+    p = dict(tree_flatten(parts.trainable_parameters()))
+    assert w.keys() == p.keys()
+    for k in w:
+        assert mx.allclose(w[k], p[k], atol=1e-4, rtol=1e-3), k
+    lines = []  # micro_batch is not in the fingerprint: the finished run resumes with another
+    _stage3(tmp_path / "whole", tiny_ckpt, tok, samples, steps=3, resume=True, micro_batch=1, log=lines.append)
+    assert "stage3: resuming at step 3/3" in lines

@@ -66,3 +66,25 @@ def test_best_checkpoint_in_the_middle_survives_an_interruption(tmp_path):
                 log=lambda *a: None, held_out=held_out)
     assert res["best_step"] == full["best_step"]
     assert held_out() == pytest.approx(full["held_out_loss"])
+
+
+def test_accumulated_micro_batches_equal_one_pass_over_their_union():
+    """Token-weighted: a per-token mean loss and its gradients over [a, b] equal those on a+b."""
+    from speedq_mlx.train.loop import accumulate
+
+    model = nn.Linear(3, 2)
+    x = mx.random.normal((7, 3), key=mx.random.key(1))
+    y = mx.random.normal((7, 2), key=mx.random.key(2))
+
+    def loss_fn(m, batch):
+        bx, by = batch
+        per_row = ((m(bx) - by) ** 2).sum(axis=-1)
+        return per_row.mean(), {"abs": mx.abs(per_row).mean()}, float(bx.shape[0])
+
+    (loss, metrics, n), grads = accumulate(model, loss_fn, (x, y))
+    (loss_p, metrics_p, n_p), grads_p = accumulate(model, loss_fn, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert n == n_p == 7
+    assert float(loss_p) == pytest.approx(float(loss), rel=1e-6)
+    assert float(metrics_p["abs"]) == pytest.approx(float(metrics["abs"]), rel=1e-6)
+    for key in ("weight", "bias"):
+        assert mx.allclose(grads[key], grads_p[key], atol=1e-6)
