@@ -44,7 +44,10 @@ class TrainConfig:
         unknown = set(section) - known - set(extra)
         if unknown:
             raise SpeedQError(f"recipe [{name}]: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: v for k, v in section.items() if k in known})
+        cfg = cls(**{k: v for k, v in section.items() if k in known})
+        if cfg.micro_batch < 0:
+            raise SpeedQError(f"recipe [{name}] micro_batch must be >= 0 (0: the whole batch), got {cfg.micro_batch}")
+        return cfg
 
 
 def schedule(cfg: TrainConfig, lr: float | None = None):

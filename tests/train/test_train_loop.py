@@ -88,3 +88,11 @@ def test_accumulated_micro_batches_equal_one_pass_over_their_union():
     assert float(metrics_p["abs"]) == pytest.approx(float(metrics["abs"]), rel=1e-6)
     for key in ("weight", "bias"):
         assert mx.allclose(grads[key], grads_p[key], atol=1e-6)
+
+
+def test_a_negative_micro_batch_is_refused_in_one_line():
+    from speedq_mlx.errors import SpeedQError
+
+    with pytest.raises(SpeedQError, match=r"recipe \[stage3\] micro_batch must be >= 0"):
+        TrainConfig.from_section({"micro_batch": -1}, "stage3")
+    assert TrainConfig.from_section({"micro_batch": 2}, "stage3").micro_batch == 2
