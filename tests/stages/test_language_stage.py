@@ -383,3 +383,48 @@ def test_micro_batches_train_as_the_whole_batch_does(tiny_ckpt, setup, tmp_path)
     lines = []  # micro_batch is not in the fingerprint: the finished run resumes with another
     _stage3(tmp_path / "whole", tiny_ckpt, tok, samples, steps=3, resume=True, micro_batch=1, log=lines.append)
     assert "stage3: resuming at step 3/3" in lines
+
+
+def _state_after_init(tmp, ckpt, tok, samples, monkeypatch, **kw) -> dict:
+    """Every fake-quantized linear's parameters as QAT would start from them."""
+    import speedq_mlx.stages.stage3_language as S3
+
+    seen = {}
+
+    def capture(run, model, *a, **k):
+        seen.update({f"{p}.{n}": np.array(v) for p, m in model.named_modules() if isinstance(m, QuantLinear)
+                     for n, v in tree_flatten(m.parameters())})
+        return {}
+
+    monkeypatch.setattr(S3, "train_stage", capture)
+    _stage3(tmp, ckpt, tok, samples, **kw)
+    return seen
+
+
+@pytest.mark.parametrize("init", ["clip", "gptq"])
+def test_a_resumed_stage3_loads_its_init_instead_of_redoing_it(tiny_ckpt, setup, tmp_path, monkeypatch, init):
+    import speedq_mlx.stages.stage3_language as S3
+
+    tok, _, samples = setup
+    first = _state_after_init(tmp_path, tiny_ckpt, tok, samples, monkeypatch, init=init, learn_qparams=True)
+    fresh = _state_after_init(tmp_path / "other", tiny_ckpt, tok, samples, monkeypatch, init="none")
+    changed = [k for k in first if k.endswith(".weight") and not np.array_equal(first[k], fresh[k])]
+    assert changed  # the init moved latent weights, so loading it back is a real check
+
+    def refuse(*a, **k):
+        raise AssertionError("the init was computed again")
+
+    monkeypatch.setattr(S3, "clip_init", refuse)
+    monkeypatch.setattr(S3, "gptq_init", refuse)
+    with pytest.raises(SpeedQError, match="pass --resume"):
+        _state_after_init(tmp_path, tiny_ckpt, tok, samples, monkeypatch, init=init, learn_qparams=True)
+    msgs = []
+    again = _state_after_init(tmp_path, tiny_ckpt, tok, samples, monkeypatch, init=init, learn_qparams=True,
+                              resume=True, log=msgs.append)
+    assert any(m.startswith(f"stage 3: {init} init loaded from") for m in msgs)
+    assert again.keys() == first.keys()
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k], err_msg=k)
+    with pytest.raises(SpeedQError, match="other stage-3 .* init settings"):
+        _state_after_init(tmp_path, tiny_ckpt, tok, samples, monkeypatch, init=init, learn_qparams=True,
+                          resume=True, clip_skip=[])
