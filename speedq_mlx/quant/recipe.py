@@ -3,7 +3,8 @@
 [quant] holds the default bits / group_size of the vision, projector and language
 linears; [quant.<component>] (vision, projector, language, embeddings, lm_head)
 overrides one component, and [quant.overrides] maps module-path globs to a setting
-or "none" (keep float). Later stages read their own sections ([stage1], ...).
+or "none" (keep float). Later stages read their own sections ([stage1], ...). A recipe
+may start from another (`base = "file.toml"`) and change only what differs.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ COMPONENTS = ("vision", "projector", "language", "embeddings", "lm_head")
 MAIN_COMPONENTS = ("vision", "projector", "language")
 
 
-def load_recipe(path: Path) -> dict:
-    """Parse and validate a recipe file; errors name the file and the bad key."""
+def load_recipe(path: Path, _chain: tuple = ()) -> dict:
+    """Parse and validate a recipe file; errors name the file and the bad key.
+
+    `base = "other.toml"` (a path relative to the recipe) starts from that recipe: its
+    tables are merged key by key, and this file's values win."""
     path = Path(path)
     if not path.is_file():
-        raise SpeedQError(f"recipe file not found: {path}")
+        raise SpeedQError(f"recipe file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
     try:
         recipe = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpeedQError(f"cannot parse recipe {path}: {e}") from None
+    base = recipe.pop("base", None)
+    if base is not None:
+        if path.resolve() in _chain:
+            raise SpeedQError(f"recipe {path}: its base chain comes back to itself")
+        parent = load_recipe(path.parent / base, (*_chain, path.resolve()))
+        parent.pop("path")
+        recipe = merged(parent, recipe)
     quant = recipe.get("quant", {})
     allowed = {"bits", "group_size", "overrides", *COMPONENTS}
     unknown = set(quant) - allowed
@@ -38,6 +49,14 @@ def load_recipe(path: Path) -> dict:
         )
     recipe["path"] = str(path)
     return recipe
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, tables merged recursively."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check_format_flags(bits: int | None, group_size: int | None) -> None:
