@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import SpeedQError
+from ..train import distributed as dist
 from . import format as Q
 from .layers import QuantLinear
 
@@ -198,7 +199,7 @@ def gptq_init(model, layers: dict, skip: list, batches: list, image_token: int, 
     masks = [b.get("attention_mask") for b in batches]
     mx.eval(inputs)
     stats = {}
-    for i in tqdm(range(len(decoder)), desc="gptq init", unit="layer"):
+    for i in tqdm(range(len(decoder)), desc="gptq init", unit="layer", disable=not dist.is_main()):
         layer = decoder[i]
         linears = [n for n in (*SHARED_INPUT.values(), *SHARED_INPUT, "self_attn.o_proj", "mlp.down_proj")
                    if f"{prefix}.{i}.{n}" in layers]
