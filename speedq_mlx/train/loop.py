@@ -224,11 +224,28 @@ def _step(model, loss_fn, batch, opt, cfg: TrainConfig, step: int, name: str, fo
                           f"grad norm {gnorm}); the last good checkpoint is at step {last_good} in "
                           f"{folder.file(name + '_ckpt')} (lower the learning rate and --resume)")
     opt.update(model, grads)
+    del grads  # now held by the update's graph alone, so each module's are freed with it
+    eval_by_module(tree_flatten(model.trainable_parameters()))
     mx.eval(model.trainable_parameters(), opt.state)
     dt = time.time() - t0
     return {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
             "lr": _lr(opt), "grad_norm": gnorm, "tokens": int(n_tok),
             "tokens_per_s": round(n_tok / dt, 1)}
+
+
+def eval_by_module(named: list) -> None:
+    """Evaluate (parameter path, array) pairs a module at a time, the last layers first.
+
+    Evaluated at once, a step's new weights, Adam moments and summed gradients all exist
+    beside the arrays they replace: ~2x the trainable parameters on top of weights and
+    moments (~3 GB on a 0.5B language model). A module at a time, in the order the backward
+    pass makes them, each module's old arrays and gradients are freed before the next
+    module's are made."""
+    by_module: dict[str, list] = {}
+    for path, value in named:
+        by_module.setdefault(path.rpartition(".")[0], []).append(value)
+    for values in reversed(list(by_module.values())):
+        mx.eval(values)
 
 
 def _start_best(folder, name: str, model, held_out: Callable, start: int, fingerprint: str,
@@ -274,9 +291,11 @@ def accumulate(model, loss_fn, batch):
         w = float(n_tok)
         grads = tree_map(lambda g: g * w, grads)
         grad_sums = grads if grad_sums is None else tree_map(mx.add, grad_sums, grads)
+        del grads  # a part's gradients are freed as they are summed
         loss_sum = loss_sum + loss * w
         metric_sums = {k: metric_sums.get(k, 0.0) + v * w for k, v in metrics.items()}
         tokens += w
+        eval_by_module(tree_flatten(grad_sums))
         mx.eval(loss_sum, grad_sums, *metric_sums.values())  # frees this part's graph
     d = max(tokens, 1.0)
     return ((loss_sum / d, {k: v / d for k, v in metric_sums.items()}, tokens),
