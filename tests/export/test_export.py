@@ -13,6 +13,7 @@ from speedq_mlx.export.artifact import write_artifact
 from speedq_mlx.quant.plan import apply_plan, build_plan
 from speedq_mlx.quant.recipe import component_settings, load_recipe
 from speedq_mlx.model.registry import default_recipe
+from speedq_mlx.stages.common import StageConfig
 
 from devkit.testing import run_cli
 
@@ -108,8 +109,13 @@ def test_registered_recipes_parse_and_select_by_bits():
         for bits in (2, 4):
             path = default_recipe(name, bits)
             assert path.name == f"{name}-w{bits}.toml"
-            s = component_settings(load_recipe(path))
+            recipe = load_recipe(path)
+            s = component_settings(recipe)
             assert s["language"] == (bits, 64) and s["embeddings"] == (4, 32)
+            stage2, stage3 = (StageConfig.from_recipe(recipe, n) for n in ("stage2", "stage3"))
+            # the settings benchmarks/memory.py measured under 16 GB (a whole run, photo samples)
+            assert stage3.teacher == "cached" and stage2.train.micro_batch == stage3.train.micro_batch == 1
+            assert stage2.grad_checkpoint and stage3.grad_checkpoint
     assert default_recipe("internvl2-1b", 3).name == "default.toml"
 
 
