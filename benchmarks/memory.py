@@ -9,7 +9,7 @@ held-out scoring included, at two steps a stage with a checkpoint and a held-out
 each (one step on a 1.9k-token photo conversation takes ~6 min here; the peak is set by one
 step, checkpoint and scoring, not by how many). Resident memory of the process is sampled
 every 0.5 s beside the log line it follows, so the peak phase is named; the peak itself is
-the kernel's (wait4). The target is 12 GB (a 16 GB Mac).
+the kernel's (wait4). The target is 12 GB (10^9 bytes; a 16 GB Mac).
 
     python -m benchmarks.memory            # ~45 min on 2 cores; writes results/memory.json
 """
@@ -90,12 +90,15 @@ def photo_conversations(folder: Path, calib_text: Path, n: int = 12) -> Path:
     return folder / "conversations.jsonl"
 
 
+KIB_TO_GB = 1024 / 1e9  # /proc and ru_maxrss count KiB; GB here is 10^9 bytes
+
+
 def rss_gb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1e6
+                    return int(line.split()[1]) * KIB_TO_GB
     except OSError:
         pass
     return 0.0
@@ -121,7 +124,7 @@ def run_sampled(cmd: list[str], log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         done.set()
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2), "phase_peaks": phase_peaks(samples, phases),
+            "peak_rss_gb": round(usage.ru_maxrss * KIB_TO_GB, 2), "phase_peaks": phase_peaks(samples, phases),
             "rss_samples": samples}
 
 

@@ -87,7 +87,7 @@ def run_measured(cmd: list[str], log: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2), "command": " ".join(cmd)}
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "command": " ".join(cmd)}
 
 
 def to_float16(folder: Path) -> None:

@@ -145,7 +145,7 @@ def gguf_tokenizer(g: GGUFModel):
 def _peak_rss_gb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux; GB = 10^9 bytes
 
 
 def build_qwen_checkpoint(out_dir=DEFAULT_OUT, gguf_path=DEFAULT_GGUF, seed: int = 0,

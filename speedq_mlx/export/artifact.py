@@ -54,7 +54,9 @@ def quantization_block(plan: dict, model: nn.Module) -> dict:
     for path, setting in sorted(plan.items()):
         if setting is None:
             continue
-        if setting != (bits, group) or modules[path].weight.size % 64 != 0:
+        m = modules[path]
+        rows, cols = m.weight_shape if isinstance(m, FakeQuant) else m.weight.shape
+        if setting != (bits, group) or (rows * cols) % 64 != 0:
             block[path] = {"group_size": setting[1], "bits": setting[0], "mode": "affine"}
     return block
 

@@ -163,3 +163,39 @@ def test_pack_for_good_keeps_function_and_export_and_drops_the_latent(learn_qpar
     emb.unfreeze()
     with pytest.raises(RuntimeError, match="packed for good"):
         emb(ids)
+
+
+def test_packed_layers_compute_from_their_codes_as_the_dense_copy_does(monkeypatch):
+    """Packed for good with COMPUTE_FROM_CODES (a GPU's default), a layer keeps only its uint32
+    codes, and its forward and its gradient with respect to the input match the dense-copy
+    layer's (an independent dequantize + matmul), as its export does bit for bit."""
+    from speedq_mlx.quant import layers as L
+
+    def build():
+        mx.random.seed(3)
+        return (QuantEmbedding.from_embedding(nn.Embedding(96, 64), 4, 32, learn_qparams=True),
+                QuantLinear.from_linear(nn.Linear(64, 48), 2, 32))
+
+    outs = {}
+    for from_codes in (False, True):
+        monkeypatch.setattr(L, "COMPUTE_FROM_CODES", from_codes)
+        emb, lin = build()
+        for m in (emb, lin):
+            m.freeze()
+            m.pack_for_good()
+        assert (emb.weight.dtype == mx.uint32) == from_codes and emb.weight_shape == (96, 64)
+        ids = mx.array([[0, 7, 95, 7]])
+
+        def loss(h):
+            return (lin(h) ** 2).sum() + (emb.as_linear(h) * 0.1).sum()
+
+        h = emb(ids)
+        outs[from_codes] = (h, lin(h), emb.as_linear(h), mx.grad(loss)(h),
+                            {(i, k): v for i, m in enumerate((emb, lin)) for k, v in m.packed().items()},
+                            lin.to_quantized()(h))
+    for a, b in zip(outs[False][:4], outs[True][:4]):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(outs[False][0]), np.array(outs[True][0]))
+    for k in outs[False][4]:
+        np.testing.assert_array_equal(np.array(outs[False][4][k]), np.array(outs[True][4][k]))
+    np.testing.assert_allclose(np.array(outs[True][5]), np.array(outs[True][1]), rtol=1e-4, atol=1e-4)

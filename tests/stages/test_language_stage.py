@@ -254,8 +254,10 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_ckpt, setup):
 def test_frozen_quantized_layers_are_quantized_once(tiny_ckpt, setup, tmp_path, monkeypatch):
     """Stage 3 quantizes the frozen 4-bit embeddings and lm_head once, not every step: a 151k-row head re-quantized every step made a QAT step
     of InternVL2-1B 5x dearer than a float one."""
+    from speedq_mlx.quant import layers
     from speedq_mlx.quant.layers import FakeQuant
 
+    monkeypatch.setattr(layers, "COMPUTE_FROM_CODES", False)  # the dense copy (CPU default)
     tok, _, samples = setup
     seen = []
     real = FakeQuant._quantize_frozen
